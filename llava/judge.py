@@ -1,0 +1,888 @@
+"""LLaVA-Bench (in-the-wild) judge: score model answers against reference answers with a GPT judge.
+
+Protocol (upstream LLaVA ``llava/eval/eval_gpt_review_bench.py``, kept as-is where it defines the benchmark):
+
+* The judge sees the image's caption (``context.jsonl``; a list of captions is joined by newlines), the question,
+  the reference answer as Assistant 1 and the model answer as Assistant 2, then the ``llava_bench_{category}``
+  rule prompt from ``rule.json`` (see :func:`build_content`).
+* System message "You are a helpful and precise assistant for checking the quality of the answer.",
+  temperature 0.2, max tokens 1024.
+* The first line of the reply, with commas turned into spaces, must hold exactly two numbers:
+  (reference score, model score) (see :func:`parse_score`).
+
+Where this script differs from upstream, on purpose:
+
+* Inputs are joined on ``question_id`` (upstream zips files line by line); missing or extra ids are logged and only
+  the intersection is judged.
+* A reply that does not parse is asked again (a fresh call) up to ``--max-parse-retries`` times, then written as a
+  failure line (``scores: null``). Upstream writes ``[-1, -1]``, which then drags the mean down;
+  ``summarize.py`` excludes failures and reports their count.
+* ``--repeats N`` independent judgements of every question, one review line per (repeat, question_id).
+* Transport faults (429, 5xx, timeouts, dropped connections, a 200 whose body is not a chat completion) are retried
+  with exponential backoff and jitter, honouring ``Retry-After``; the openai client's own retries are off so that
+  the count and the sleeps are ours. A question whose retries run out gets no line (a rerun redoes it) and the run
+  exits with status 1.
+* Resumable: each review is one appended, fsync'ed JSONL line. On start, a partial or corrupt line (a crash or
+  ``kill -9`` mid-write) and duplicates are removed from the file, and what is already there is skipped.
+* The API key is read from ``OPENAI_API_KEY`` only and is never printed or written.
+
+Run ``python llava/judge.py --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import openai
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+LOG = logging.getLogger("llava.judge")
+
+SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."
+TEMPERATURE = 0.2
+DEFAULT_MAX_TOKENS = 1024
+# A dated snapshot, so that a rerun months later asks the same judge; the requested and the server-reported
+# model names are both written to every review line.
+DEFAULT_MODEL = "gpt-4o-2024-08-06"
+RULE_PREFIX = "llava_bench_"
+# Placeholder key for OpenAI-compatible servers that need none (vLLM, llama.cpp, ...).
+PLACEHOLDER_KEY = "EMPTY"
+# Status codes worth asking again: request timeout, conflict, too early, rate limit, server errors.
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+# The key is wrong or the model does not exist: every further call would fail the same way.
+FATAL_STATUS = frozenset({401, 403, 404})
+
+EXIT_OK = 0
+EXIT_INCOMPLETE = 1
+EXIT_INPUT_ERROR = 2
+
+
+class InputError(ValueError):
+    """An input file is missing something or disagrees with another one; the message says what and where."""
+
+
+class TransportError(RuntimeError):
+    """The judge server could not give a usable chat completion (after retries, or a non-retryable status)."""
+
+    def __init__(self, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+class SkippedError(TransportError):
+    """Not asked at all, because an earlier call failed in a way every call would."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data that travels
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One entry of ``rule.json``: the role name used in the prompt's headers and the instruction text."""
+
+    role: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class JudgeItem:
+    """Everything needed to judge one question: the prompt and the ids to write next to its scores."""
+
+    question_id: Any
+    category: str
+    content: str
+    answer_id: Any
+    model_id: Any
+    reference_answer_id: Any
+    reference_model_id: Any
+
+
+@dataclass(frozen=True)
+class JudgeReply:
+    """One successful chat completion: the reply text and what the server said about it."""
+
+    content: str
+    model: str | None
+    finish_reason: str | None
+    usage: dict[str, int] | None
+    transport_retries: int
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounds on asking again: transport retries per call, parse retries per review, and backoff sleeps."""
+
+    max_retries: int = 6
+    max_parse_retries: int = 3
+    backoff_base: float = 1.0
+    max_backoff: float = 60.0
+
+
+@dataclass
+class RunTally:
+    """Counts shared by the worker threads of one run."""
+
+    written: int = 0
+    parse_failures: int = 0
+    missing: list[tuple[int, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file into a list of objects, skipping blank lines; a bad line raises with its line number."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def require_keys(record: Mapping[str, Any], keys: Sequence[str], source: str) -> None:
+    """Raise :class:`InputError` naming the file and the missing keys if ``record`` lacks any of ``keys``."""
+    missing = [key for key in keys if key not in record]
+    if missing:
+        raise InputError(f"{source}: record {dict(record)!r:.200} lacks key(s) {missing}")
+
+
+def index_by(records: Iterable[dict[str, Any]], key: str, source: str) -> dict[str, dict[str, Any]]:
+    """Index records by ``str(record[key])``; a repeated id is an error (which of the two would be meant?)."""
+    index: dict[str, dict[str, Any]] = {}
+    for record in records:
+        require_keys(record, [key], source)
+        name = str(record[key])
+        if name in index:
+            raise InputError(f"{source}: {key} {record[key]!r} appears more than once")
+        index[name] = record
+    return index
+
+
+def load_rules(path: str | Path) -> dict[str, Rule]:
+    """Load ``rule.json`` (``{name: {"role": ..., "prompt": ...}}``)."""
+    with open(path, encoding="utf-8") as handle:
+        raw = json.load(handle)
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a JSON object of rules")
+    rules = {}
+    for name, entry in raw.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+            raise InputError(f"{path}: rule {name!r} needs a string 'prompt'")
+        rules[name] = Rule(role=str(entry.get("role", "Assistant")), prompt=entry["prompt"])
+    return rules
+
+
+def caption_text(caption: str | Sequence[str]) -> str:
+    """The context block: a caption string as-is, a list of captions joined by newlines.
+
+    Upstream always calls ``'\\n'.join(caption)``, which would put a newline between the characters of a plain
+    string; lmms-eval's port uses a string as-is, and so do we.
+    """
+    if isinstance(caption, str):
+        return caption
+    return "\n".join(str(line) for line in caption)
+
+
+def build_content(caption: str, question: str, reference: str, answer: str, rule: Rule) -> str:
+    """The judge's user message, byte for byte as upstream builds it; the reference is always Assistant 1."""
+    role = rule.role
+    return (
+        f"[Context]\n{caption}\n\n"
+        f"[Question]\n{question}\n\n"
+        f"[{role} 1]\n{reference}\n\n[End of {role} 1]\n\n"
+        f"[{role} 2]\n{answer}\n\n[End of {role} 2]\n\n"
+        f"[System]\n{rule.prompt}\n\n"
+    )
+
+
+def build_messages(content: str) -> list[dict[str, str]]:
+    """The two chat messages sent to the judge."""
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+
+
+def _report_id_mismatch(name: str, ids: set[str], question_ids: set[str]) -> None:
+    missing = sorted(question_ids - ids)
+    extra = sorted(ids - question_ids)
+    if missing:
+        LOG.warning(
+            "%s: no answer for %d question id(s), not judged: %s", name, len(missing), ", ".join(missing)
+        )
+    if extra:
+        LOG.warning("%s: %d id(s) not in the questions file, ignored: %s", name, len(extra), ", ".join(extra))
+
+
+def join_inputs(
+    questions: list[dict[str, Any]],
+    contexts: list[dict[str, Any]],
+    references: list[dict[str, Any]],
+    answers: list[dict[str, Any]],
+    rules: Mapping[str, Rule],
+    *,
+    sources: Sequence[str] = ("questions", "context", "reference answers", "model answers"),
+) -> list[JudgeItem]:
+    """Join the four inputs on ``question_id`` (context on ``image``) and build one :class:`JudgeItem` each.
+
+    Ids missing from or extra in an answer file are logged and left out; the result follows the questions'
+    order. An unknown category or a question whose image has no context raises :class:`InputError`.
+    """
+    q_src, c_src, r_src, a_src = sources
+    by_question = index_by(questions, "question_id", q_src)
+    for record in questions:
+        require_keys(record, ["question_id", "image", "text", "category"], q_src)
+    valid = sorted(name[len(RULE_PREFIX) :] for name in rules if name.startswith(RULE_PREFIX))
+    for record in questions:
+        if RULE_PREFIX + str(record["category"]) not in rules:
+            raise InputError(
+                f"{q_src}: question {record['question_id']!r} has category {record['category']!r}, "
+                f"which has no '{RULE_PREFIX}{record['category']}' rule; valid categories: {valid}"
+            )
+    by_image: dict[str, dict[str, Any]] = {}
+    for record in contexts:
+        require_keys(record, ["image", "caption"], c_src)
+        by_image[str(record["image"])] = record
+    no_context = sorted({str(r["image"]) for r in questions if str(r["image"]) not in by_image})
+    if no_context:
+        raise InputError(f"{c_src}: no caption for image(s) {no_context} used by the questions")
+
+    by_reference = index_by(references, "question_id", r_src)
+    by_answer = index_by(answers, "question_id", a_src)
+    _report_id_mismatch(r_src, set(by_reference), set(by_question))
+    _report_id_mismatch(a_src, set(by_answer), set(by_question))
+
+    items = []
+    for key, question in by_question.items():
+        if key not in by_reference or key not in by_answer:
+            continue
+        reference, answer = by_reference[key], by_answer[key]
+        require_keys(reference, ["text"], r_src)
+        require_keys(answer, ["text"], a_src)
+        rule = rules[RULE_PREFIX + str(question["category"])]
+        content = build_content(
+            caption_text(by_image[str(question["image"])]["caption"]),
+            question["text"],
+            reference["text"],
+            answer["text"],
+            rule,
+        )
+        items.append(
+            JudgeItem(
+                question_id=question["question_id"],
+                category=str(question["category"]),
+                content=content,
+                answer_id=answer.get("answer_id"),
+                model_id=answer.get("model_id"),
+                reference_answer_id=reference.get("answer_id"),
+                reference_model_id=reference.get("model_id"),
+            )
+        )
+    return items
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------------------------------------------
+
+# A plain decimal number; float() alone would also take "nan", "inf" and "1_0".
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+
+
+def parse_score(review: str | None) -> tuple[float, float] | None:
+    """(reference score, model score) from the judge's reply, or None when it does not parse.
+
+    As upstream: take the first line, turn commas into spaces, split into tokens. Unlike upstream, the line
+    may hold words as well ("Score: 8 7" gives (8, 7)) and runs of spaces are fine ("8, 7"), but it must hold
+    exactly two numeric tokens: "8", "" and "8 7 9" do not parse.
+    """
+    if not review:
+        return None
+    first_line = review.split("\n", 1)[0].replace(",", " ")
+    numbers = [float(token) for token in first_line.split() if _NUMBER.fullmatch(token)]
+    if len(numbers) != 2:
+        return None
+    return numbers[0], numbers[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Talking to the judge
+# --------------------------------------------------------------------------------------------------------------
+
+
+def retry_after_seconds(headers: Mapping[str, str] | None, now: datetime | None = None) -> float | None:
+    """Seconds the server asked us to wait: ``retry-after-ms``, or ``Retry-After`` as seconds or an HTTP-date."""
+    if not headers:
+        return None
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            seconds = float(value) / 1000.0
+            if math.isfinite(seconds):
+                return max(0.0, seconds)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def backoff_delay(retry: int, policy: RetryPolicy, retry_after: float | None = None) -> float:
+    """Sleep before retry number ``retry`` (0-based): the server's Retry-After when given, else exponential
+    backoff with jitter (a random half to full ``backoff_base * 2**retry``); never more than ``max_backoff``."""
+    if retry_after is not None:
+        return min(policy.max_backoff, retry_after)
+    ceiling = min(policy.max_backoff, policy.backoff_base * (2**retry))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _usage(raw: Any) -> dict[str, int] | None:
+    if not isinstance(raw, dict):
+        return None
+    usage = {}
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        value = raw.get(key)
+        usage[key] = value if isinstance(value, int) and not isinstance(value, bool) else None
+    return usage if any(value is not None for value in usage.values()) else None
+
+
+def reply_from_body(body: str, transport_retries: int = 0) -> JudgeReply:
+    """Check that ``body`` is a chat completion and pull out the reply; ValueError when it is not one."""
+    data = json.loads(body)
+    if not isinstance(data, dict):
+        raise ValueError(f"body is JSON {type(data).__name__}, not an object")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ValueError("body has no 'choices'")
+    message = choices[0].get("message")
+    if not isinstance(message, dict):
+        raise ValueError("first choice has no 'message'")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise ValueError(f"message content is {type(content).__name__}, not a string")
+    model = data.get("model")
+    finish_reason = choices[0].get("finish_reason")
+    return JudgeReply(
+        # A null content (a refusal, a tool call) is a reply that does not parse, not a transport fault.
+        content=content or "",
+        model=model if isinstance(model, str) else None,
+        finish_reason=finish_reason if isinstance(finish_reason, str) else None,
+        usage=_usage(data.get("usage")),
+        transport_retries=transport_retries,
+    )
+
+
+def _describe(error: BaseException) -> str:
+    # Never str(error) on a connection error's request: keep to the type and the status/message.
+    if isinstance(error, openai.APIStatusError):
+        return f"HTTP {error.status_code}"
+    if isinstance(error, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(error, openai.APIConnectionError):
+        cause = error.__cause__
+        return f"connection error ({type(cause).__name__ if cause else 'unknown'})"
+    return f"{type(error).__name__}: {error}"
+
+
+def request_judgement(
+    client: openai.OpenAI,
+    messages: list[dict[str, str]],
+    *,
+    model: str,
+    max_tokens: int,
+    policy: RetryPolicy,
+    label: str = "",
+) -> JudgeReply:
+    """One chat completion, retrying transport faults at most ``policy.max_retries`` times.
+
+    Retried: 408/409/425/429 and 5xx (after ``Retry-After`` when the server sends it), timeouts, connection
+    errors and 200 replies whose body is not a chat completion. Other statuses raise :class:`TransportError`
+    at once (401/403/404 marked fatal, since every other call would fail the same way).
+    """
+    retry = 0
+    while True:
+        retry_after = None
+        try:
+            raw = client.chat.completions.with_raw_response.create(
+                model=model, messages=messages, temperature=TEMPERATURE, max_tokens=max_tokens
+            )
+            return reply_from_body(raw.text, transport_retries=retry)
+        except openai.APIStatusError as error:
+            status = error.status_code
+            if status not in RETRYABLE_STATUS and status < 500:
+                raise TransportError(
+                    f"{label}: HTTP {status}, not retried", fatal=status in FATAL_STATUS
+                ) from None
+            retry_after = retry_after_seconds(error.response.headers)
+            reason = _describe(error)
+        except openai.APIConnectionError as error:  # timeouts included
+            reason = _describe(error)
+        except ValueError as error:  # a 200 whose body is not a chat completion
+            reason = f"malformed reply ({error})"
+        except Exception as error:  # anything else the transport raises is retried too, boundedly
+            reason = _describe(error)
+        if retry >= policy.max_retries:
+            raise TransportError(f"{label}: gave up after {retry + 1} attempt(s), last: {reason}")
+        delay = backoff_delay(retry, policy, retry_after)
+        LOG.info("%s: %s; retry %d/%d in %.2fs", label, reason, retry + 1, policy.max_retries, delay)
+        time.sleep(delay)
+        retry += 1
+
+
+def _sum_usage(replies: Sequence[JudgeReply]) -> dict[str, int] | None:
+    reported = [reply.usage for reply in replies if reply.usage is not None]
+    if not reported:
+        return None
+    return {
+        key: sum(usage[key] or 0 for usage in reported)
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens")
+    }
+
+
+def utc_now() -> str:
+    """The current time as an ISO 8601 UTC string with milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def judge_item(
+    client: openai.OpenAI,
+    item: JudgeItem,
+    repeat: int,
+    *,
+    model: str,
+    max_tokens: int,
+    policy: RetryPolicy,
+) -> dict[str, Any]:
+    """Judge one question once and return its review line; raises :class:`TransportError` if the server fails.
+
+    A reply that does not parse is asked for again (a fresh call) up to ``policy.max_parse_retries`` times; after
+    that the line is a failure (``scores`` null, ``status`` "parse_failure") with every raw reply kept.
+    """
+    label = f"repeat {repeat} question {item.question_id}"
+    started = utc_now()
+    messages = build_messages(item.content)
+    replies: list[JudgeReply] = []
+    scores = None
+    for attempt in range(policy.max_parse_retries + 1):
+        reply = request_judgement(
+            client, messages, model=model, max_tokens=max_tokens, policy=policy, label=label
+        )
+        replies.append(reply)
+        scores = parse_score(reply.content)
+        if scores is not None:
+            break
+        LOG.warning(
+            "%s: reply %d does not start with two scores: %r",
+            label,
+            attempt + 1,
+            reply.content.split("\n", 1)[0][:80],
+        )
+    return {
+        "question_id": item.question_id,
+        "repeat": repeat,
+        "category": item.category,
+        "scores": list(scores) if scores is not None else None,
+        "status": "ok" if scores is not None else "parse_failure",
+        "judge_model": model,
+        "judge_model_reported": replies[-1].model,
+        "review": replies[-1].content,
+        "replies": [
+            {"content": r.content, "model": r.model, "finish_reason": r.finish_reason, "usage": r.usage}
+            for r in replies
+        ],
+        "attempts": len(replies),
+        "transport_retries": sum(r.transport_retries for r in replies),
+        "usage": _sum_usage(replies),
+        "temperature": TEMPERATURE,
+        "max_tokens": max_tokens,
+        "started_at": started,
+        "finished_at": utc_now(),
+        "answer_id": item.answer_id,
+        "model_id": item.model_id,
+        "reference_answer_id": item.reference_answer_id,
+        "reference_model_id": item.reference_model_id,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The output file: append-only, one fsync'ed line per review, repaired on start
+# --------------------------------------------------------------------------------------------------------------
+
+
+def review_key(repeat: Any, question_id: Any) -> tuple[int, str]:
+    """The resume key of a review: ids compare as strings so that 7 and "7" are the same question."""
+    return int(repeat), str(question_id)
+
+
+def _valid_review(record: Any) -> bool:
+    if not isinstance(record, dict) or "question_id" not in record or "scores" not in record:
+        return False
+    repeat = record.get("repeat")
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 0:
+        return False
+    scores = record["scores"]
+    return scores is None or (
+        isinstance(scores, list) and len(scores) == 2 and all(isinstance(s, int | float) for s in scores)
+    )
+
+
+def _rewrite(path: Path, lines: list[bytes]) -> None:
+    # Write beside, fsync, then rename over: a crash during the repair leaves the old or the new file, never half.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.writelines(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def recover_reviews(path: str | Path) -> dict[tuple[int, str], dict[str, Any]]:
+    """Read the reviews already in ``path``, repairing the file first if needed.
+
+    A last line without its newline (a write cut short), lines that are not valid review JSON, and second copies
+    of a (repeat, question_id) are dropped, and the file is rewritten with the valid complete lines only; the
+    dropped reviews are judged again. Returns the kept reviews by :func:`review_key`.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    chunks = data.split(b"\n")
+    tail = chunks.pop()  # b"" when the file ends with a newline
+    changed = False
+    if tail:
+        LOG.warning(
+            "%s: last line is incomplete (%d bytes, no newline); dropping it to redo", path, len(tail)
+        )
+        changed = True
+    kept: dict[tuple[int, str], dict[str, Any]] = {}
+    lines: list[bytes] = []
+    for number, chunk in enumerate(chunks, start=1):
+        if not chunk.strip():
+            changed = changed or bool(chunk)
+            continue
+        try:
+            record = json.loads(chunk)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if not _valid_review(record):
+            LOG.warning("%s:%d: not a valid review line; dropping it to redo", path, number)
+            changed = True
+            continue
+        key = review_key(record["repeat"], record["question_id"])
+        if key in kept:
+            LOG.warning("%s:%d: second review for repeat %d question %s; dropping it", path, number, *key)
+            changed = True
+            continue
+        kept[key] = record
+        lines.append(chunk + b"\n")
+    if changed:
+        _rewrite(path, lines)
+        LOG.info("%s: repaired, %d valid review(s) kept", path, len(lines))
+    return kept
+
+
+class ReviewWriter:
+    """Appends review lines to a JSONL file, one locked write + fsync per line, safe across threads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._lock = threading.Lock()
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Append ``record`` as one JSON line and make it durable before returning."""
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Close the file."""
+        os.close(self._fd)
+
+    def __enter__(self) -> ReviewWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def pending_work(
+    items: Sequence[JudgeItem], repeats: int, done: Mapping[tuple[int, str], Any]
+) -> list[tuple[int, JudgeItem]]:
+    """(repeat, item) pairs still to judge, repeat by repeat in question order."""
+    return [
+        (repeat, item)
+        for repeat in range(repeats)
+        for item in items
+        if review_key(repeat, item.question_id) not in done
+    ]
+
+
+def make_client(base_url: str | None, timeout: float) -> openai.OpenAI:
+    """An OpenAI client with its own retries off; the key comes from ``OPENAI_API_KEY`` only."""
+    base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+    api_key = os.environ.get("OPENAI_API_KEY")
+    if not api_key:
+        if base_url is None:
+            raise InputError("OPENAI_API_KEY is not set (or pass --base-url for a server that needs no key)")
+        api_key = PLACEHOLDER_KEY
+    return openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+
+
+def run_judge(
+    client: openai.OpenAI,
+    work: Sequence[tuple[int, JudgeItem]],
+    writer: ReviewWriter,
+    *,
+    model: str,
+    max_tokens: int,
+    policy: RetryPolicy,
+    concurrency: int,
+) -> RunTally:
+    """Judge ``work`` with at most ``concurrency`` calls in flight, writing each review as it completes.
+
+    A fatal status (bad key, unknown model) stops new calls; the work not done is counted as missing.
+    """
+    tally = RunTally()
+    stop = threading.Event()
+
+    def task(repeat: int, item: JudgeItem) -> None:
+        if stop.is_set():
+            raise SkippedError("not started: an earlier call failed fatally")
+        try:
+            record = judge_item(client, item, repeat, model=model, max_tokens=max_tokens, policy=policy)
+        except TransportError as error:
+            if error.fatal:
+                stop.set()  # here, not in the main thread, so that this worker's next task already sees it
+            raise
+        writer.write(record)
+        with tally.lock:
+            tally.written += 1
+            tally.parse_failures += record["scores"] is None
+
+    with (
+        ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge") as pool,
+        tqdm(total=len(work), desc="judging", unit="review", dynamic_ncols=True) as bar,
+    ):
+        futures: dict[Future[None], tuple[int, JudgeItem]] = {
+            pool.submit(task, repeat, item): (repeat, item) for repeat, item in work
+        }
+        remaining = set(futures)
+        try:
+            while remaining:
+                finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    _record_outcome(future, *futures[future], tally)
+                    bar.update(1)
+        except KeyboardInterrupt:
+            # Lines already written are complete and durable; a rerun continues from them.
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return tally
+
+
+def _record_outcome(future: Future[None], repeat: int, item: JudgeItem, tally: RunTally) -> None:
+    error = future.exception()
+    if error is None:
+        return
+    tally.missing.append((repeat, item.question_id))
+    if isinstance(error, SkippedError):
+        return
+    if not isinstance(error, TransportError):
+        LOG.error("repeat %d question %s: %s", repeat, item.question_id, _describe(error))
+    elif error.fatal:
+        LOG.error("%s; stopping: every other call would fail the same way", error)
+    else:
+        LOG.error("%s; no review written, a rerun will redo it", error)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        description="Judge LLaVA-Bench (in-the-wild) answers with a GPT judge, upstream LLaVA protocol.",
+        epilog="The key is read from OPENAI_API_KEY only; OPENAI_BASE_URL is used when --base-url is not given.",
+    )
+    parser.add_argument(
+        "-q", "--question", required=True, help="questions.jsonl (question_id, image, text, category)"
+    )
+    parser.add_argument("-c", "--context", required=True, help="context.jsonl (image, caption)")
+    parser.add_argument(
+        "-a",
+        "--answer-list",
+        nargs=2,
+        required=True,
+        metavar=("REFERENCE", "ANSWERS"),
+        help="reference answers (Assistant 1, e.g. GPT-4) then the model's answers (Assistant 2)",
+    )
+    parser.add_argument("-r", "--rule", default=str(Path(__file__).with_name("rule.json")), help="rule.json")
+    parser.add_argument("-o", "--output", required=True, help="reviews JSONL; appended to and resumed")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="independent judgements per question (default 3)"
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"judge model (default {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://host:8000/v1"
+    )
+    parser.add_argument("--concurrency", type=int, default=4, help="calls in flight at once (default 4)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP call (default 120)")
+    parser.add_argument("--max-retries", type=int, default=6, help="transport retries per call (default 6)")
+    parser.add_argument(
+        "--max-parse-retries",
+        type=int,
+        default=3,
+        help="fresh calls after a reply without two scores (default 3)",
+    )
+    parser.add_argument(
+        "--backoff-base", type=float, default=1.0, help="first backoff sleep, seconds (default 1)"
+    )
+    parser.add_argument("--max-backoff", type=float, default=60.0, help="longest sleep, seconds (default 60)")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="judge reply limit (1024)")
+    parser.add_argument("--quiet", action="store_true", help="log warnings and errors only, not every retry")
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    positive = {"--repeats": args.repeats, "--concurrency": args.concurrency, "--max-tokens": args.max_tokens}
+    for flag, value in positive.items():
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    for flag, value in {
+        "--max-retries": args.max_retries,
+        "--max-parse-retries": args.max_parse_retries,
+    }.items():
+        if value < 0:
+            parser.error(f"{flag} must be 0 or more, got {value}")
+    for flag, value in {"--timeout": args.timeout, "--backoff-base": args.backoff_base}.items():
+        if not value > 0:
+            parser.error(f"{flag} must be positive, got {value}")
+    if args.max_backoff < 0:
+        parser.error(f"--max-backoff must be 0 or more, got {args.max_backoff}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the judge; returns 0 when every (repeat, question) has a review line, 1 if some are missing."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # httpx logs every request at INFO; the retries we log already say what matters.
+    for noisy in ("httpx", "httpx2", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    try:
+        rules = load_rules(args.rule)
+        reference_path, answer_path = args.answer_list
+        items = join_inputs(
+            read_jsonl(args.question),
+            read_jsonl(args.context),
+            read_jsonl(reference_path),
+            read_jsonl(answer_path),
+            rules,
+            sources=(args.question, args.context, reference_path, answer_path),
+        )
+        if not items:
+            raise InputError("no question has both a reference and a model answer; nothing to judge")
+        client = make_client(args.base_url, args.timeout)
+    except (InputError, OSError, json.JSONDecodeError) as error:
+        LOG.error("%s", error)
+        return EXIT_INPUT_ERROR
+
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = recover_reviews(output)
+    work = pending_work(items, args.repeats, done)
+    LOG.info(
+        "%d question(s) x %d repeat(s): %d already reviewed in %s, %d to judge with %s",
+        len(items),
+        args.repeats,
+        len(items) * args.repeats - len(work),
+        output,
+        len(work),
+        args.model,
+    )
+    policy = RetryPolicy(args.max_retries, args.max_parse_retries, args.backoff_base, args.max_backoff)
+    with ReviewWriter(output) as writer, logging_redirect_tqdm():
+        tally = run_judge(
+            client,
+            work,
+            writer,
+            model=args.model,
+            max_tokens=args.max_tokens,
+            policy=policy,
+            concurrency=args.concurrency,
+        )
+    LOG.info("%d review(s) written, %d of them parse failures", tally.written, tally.parse_failures)
+    if tally.missing:
+        listed = ", ".join(
+            f"r{repeat}/q{qid}" for repeat, qid in sorted(tally.missing, key=lambda m: review_key(*m))
+        )
+        LOG.error("%d review(s) missing, rerun the same command to finish: %s", len(tally.missing), listed)
+        return EXIT_INCOMPLETE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
