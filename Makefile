@@ -1,0 +1,49 @@
+# ShareLoRA for Axolotl — everything a user or CI runs. `make setup` is idempotent (seconds when done).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+export AXOLOTL_DO_NOT_TRACK := 1
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export WANDB_MODE := disabled
+export TOKENIZERS_PARALLELISM := false
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+INSTALLED := $(VENV)/.sharelora-installed
+ASSETS := .cache/models/SmolLM2-135M-Instruct/.prepared .cache/data/.prepared
+
+.PHONY: setup demo test test-fast lint format reproduce llava-demo clean
+
+setup: $(INSTALLED) assets
+
+$(INSTALLED): configs/requirements-lock.txt configs/constraints.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, the CPU build on disk; the constraint keeps every later install from replacing it
+	$(PIP) install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(PIP) install -q -c configs/constraints.txt -r configs/requirements-lock.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+assets: $(INSTALLED)
+	$(PY) -m sharelora_plugin.embedded
+
+demo: setup
+	accelerate launch -m axolotl.cli.train recipes/smollm2_sharelora.yml
+	$(PY) -m sharelora_plugin.cli show outputs/smollm2_sharelora/sharelora_plan.json
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not e2e"
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf outputs last_run_prepared .pytest_cache

@@ -1,0 +1,273 @@
+"""The ``sharelora:`` YAML block, validated when Axolotl validates the config.
+
+Every problem is raised at config time with the key, the bad value and what would be valid; pydantic adds the
+key path (``sharelora.calibration.num_samples`` …) to the message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+STRATEGIES = ("greedy", "optimal", "manual", "random", "alternate")
+METRICS = ("angular", "cosine")
+# PEFT initialisations that rewrite the base weights with each layer's own A/B (W ← W − B·A): a shared A/B
+# cannot be subtracted from several different base weights, so they contradict sharing.
+WEIGHT_REWRITING_INITS = ("pissa", "olora", "loftq", "eva", "corda")
+LOCAL_FILE_SUFFIXES = (".json", ".jsonl", ".txt", ".parquet", ".csv", ".arrow")
+
+
+def looks_like_local_path(path: str) -> bool:
+    """A dataset reference is a local path when it exists, starts like a path, or ends like a data file;
+    anything else (``allenai/c4``) is a Hub dataset id and is resolved when calibration runs."""
+    p = Path(path).expanduser()
+    return p.exists() or path.startswith((".", "/", "~")) or p.suffix.lower() in LOCAL_FILE_SUFFIXES
+
+
+class CalibrationConfig(BaseModel):
+    """Where the calibration samples come from and how many are run (paper: 256 C4 texts / 128 LLaVA samples)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(
+        default=None,
+        description="Local JSON/JSONL/text file or folder, or a Hub dataset id. Default: the first training dataset.",
+    )
+    name: str | None = Field(default=None, description="Dataset config name (Hub datasets).")
+    split: str = Field(default="train", description="Dataset split.")
+    data_files: str | list[str] | None = Field(default=None, description="data_files passed to load_dataset.")
+    text_field: str = Field(default="text", description="Column holding raw text.")
+    messages_field: str = Field(
+        default="messages", description="Column holding chat messages (used when there is no text column)."
+    )
+    num_samples: int = Field(default=256, description="Number of samples (paper: 256; LLaVA: 128).")
+    max_length: int = Field(default=512, description="Tokens per sample after truncation.")
+    batch_size: int = Field(default=8, description="Samples per forward pass.")
+    seed: int = Field(default=42, description="Seed for choosing the samples.")
+
+    @field_validator("num_samples", "max_length", "batch_size")
+    @classmethod
+    def _positive(cls, value: int, info) -> int:
+        if value <= 0:
+            raise ValueError(
+                f"sharelora.calibration.{info.field_name} must be a positive integer, got {value}"
+            )
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: str | None) -> str | None:
+        if value and looks_like_local_path(value) and not Path(value).expanduser().exists():
+            raise ValueError(
+                f"sharelora.calibration.path={value!r} does not exist; give an existing JSON/JSONL/text file "
+                "or folder (make setup writes .cache/data/lee_background.jsonl), or a Hub dataset id"
+            )
+        return value
+
+
+class ShareLoRAConfig(BaseModel):
+    """Settings of the ``sharelora:`` block. See README.md for a walkthrough."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | None = Field(
+        default=None,
+        description="Tie LoRA modules by the share plan. Set automatically by `adapter: sharelora`.",
+    )
+    threshold: float = Field(
+        default=0.85, description="ε: every pair of layers in a set needs similarity ≥ ε."
+    )
+    metric: Literal["angular", "cosine"] = Field(
+        default="angular", description="Similarity: 1 − d (eq. 4) or cosine."
+    )
+    strategy: Literal["greedy", "optimal", "manual", "random", "alternate"] = Field(
+        default="greedy", description="How share sets are chosen."
+    )
+    contiguous: bool = Field(default=False, description="optimal only: sets must be runs of adjacent layers.")
+    share_sets: list[list[int]] | None = Field(default=None, description="strategy: manual — the sets.")
+    seed: int = Field(default=42, description="strategy: random — seed of the random adjacent sets.")
+    rank_expansion: bool | int = Field(
+        default=False,
+        description="false: keep lora_r; true: ⌊L/(L−Σ|S|+|S|)·r⌋; an integer: that rank.",
+    )
+    target_fraction: float | None = Field(
+        default=None, description="Choose ε so ShareLoRA trains at most this fraction of LoRA's parameters."
+    )
+    plan_file: str | None = Field(
+        default=None,
+        description="A sharelora_plan.json to use instead of calibrating (required under ZeRO-3).",
+    )
+    layers_path: str | None = Field(
+        default=None, description="Dotted path of the decoder layer list, if ambiguous."
+    )
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    save_heatmap: bool = Field(default=True, description="Write sharelora_similarity.png beside the plan.")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_range(cls, value: float) -> float:
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"sharelora.threshold must be in (0, 1] (paper: 0.80–0.90), got {value}")
+        return value
+
+    @field_validator("target_fraction")
+    @classmethod
+    def _fraction_range(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 < value <= 1.0:
+            raise ValueError(f"sharelora.target_fraction must be in (0, 1], got {value}")
+        return value
+
+    @field_validator("rank_expansion")
+    @classmethod
+    def _rank(cls, value: bool | int) -> bool | int:
+        if not isinstance(value, bool) and value <= 0:
+            raise ValueError(f"sharelora.rank_expansion must be true, false or a positive rank, got {value}")
+        return value
+
+    @field_validator("plan_file")
+    @classmethod
+    def _plan_exists(cls, value: str | None) -> str | None:
+        if value and not Path(value).expanduser().is_file():
+            raise ValueError(
+                f"sharelora.plan_file={value!r} is not a file; create one with `sharelora plan --config …`"
+            )
+        return value
+
+    @field_validator("share_sets")
+    @classmethod
+    def _sets_shape(cls, value: list[list[int]] | None) -> list[list[int]] | None:
+        if value is None:
+            return None
+        seen: dict[int, int] = {}
+        for k, share_set in enumerate(value):
+            if len(share_set) < 2:
+                raise ValueError(f"sharelora.share_sets[{k}]={share_set} needs at least 2 layers")
+            for layer in share_set:
+                if layer < 0:
+                    raise ValueError(f"sharelora.share_sets[{k}] has negative layer index {layer}")
+                if layer in seen:
+                    raise ValueError(
+                        f"sharelora.share_sets: layer {layer} is in set {seen[layer]} and set {k}; sets must be disjoint"
+                    )
+                seen[layer] = k
+        return value
+
+    @model_validator(mode="after")
+    def _strategy_inputs(self) -> ShareLoRAConfig:
+        if self.strategy == "manual" and not self.share_sets and not self.plan_file:
+            raise ValueError(
+                "sharelora.strategy: manual needs sharelora.share_sets, e.g. [[16, 17], [18, 19]]"
+            )
+        if self.share_sets and self.strategy != "manual":
+            raise ValueError(
+                f"sharelora.share_sets is only used with strategy: manual (strategy is {self.strategy!r})"
+            )
+        if self.contiguous and self.strategy != "optimal":
+            raise ValueError("sharelora.contiguous: true only applies to strategy: optimal")
+        return self
+
+
+def _deepspeed_stage(deepspeed: Any) -> int | None:
+    if not deepspeed:
+        return None
+    if isinstance(deepspeed, dict):
+        conf = deepspeed
+    else:
+        try:
+            conf = json.loads(Path(str(deepspeed)).read_text())
+        except (OSError, ValueError):
+            return None
+    stage = (conf.get("zero_optimization") or {}).get("stage")
+    return int(stage) if isinstance(stage, int | str) and str(stage).isdigit() else None
+
+
+def incompatible_options(data: dict) -> list[str]:
+    """Problems with the rest of the Axolotl config when ShareLoRA is on (empty when all is well)."""
+    problems = []
+    sl = data.get("sharelora") or {}
+    if not isinstance(sl, dict):
+        sl = sl.model_dump() if hasattr(sl, "model_dump") else {}
+    if data.get("fsdp") or data.get("fsdp_config") or data.get("fsdp_version"):
+        problems.append(
+            "FSDP is not supported with adapter: sharelora: FSDP flattens each wrapped unit's parameters into its "
+            "own shard, so one LoRA module shared by layers in different units cannot be sharded; "
+            "use DeepSpeed ZeRO-2 (recipes/deepspeed/zero2.json) or ZeRO-3 with sharelora.plan_file"
+        )
+    init = data.get("peft_init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(WEIGHT_REWRITING_INITS):
+        problems.append(
+            f"peft_init_lora_weights={init!r} rewrites each layer's base weight with that layer's own A/B, which "
+            "shared A/B cannot do; use the default initialisation (remove the key, or true/'gaussian')"
+        )
+    peft = data.get("peft") or {}
+    if isinstance(peft, dict) and peft.get("loftq_config"):
+        problems.append(
+            "peft.loftq_config (LoftQ) rewrites per-layer base weights; remove it for adapter: sharelora"
+        )
+    if data.get("relora"):
+        problems.append(
+            "relora merges and re-initialises LoRA per layer every cycle; remove relora for sharelora"
+        )
+    if data.get("peft_layer_replication"):
+        problems.append(
+            "peft_layer_replication changes the layer list after planning; remove it for sharelora"
+        )
+    if data.get("lora_target_parameters"):
+        problems.append(
+            "lora_target_parameters (ParamWrapper on raw parameters) has no lora_A/lora_B modules to share; "
+            "use lora_target_modules"
+        )
+    layers = data.get("peft_layers_to_transform")
+    sets = sl.get("share_sets")
+    if layers is not None and sets:
+        allowed = set(layers)
+        for share_set in sets:
+            if any(i not in allowed for i in share_set):
+                problems.append(
+                    f"peft_layers_to_transform={layers} excludes a layer of share set {share_set}; every layer of "
+                    "a set must carry LoRA"
+                )
+    stage = _deepspeed_stage(data.get("deepspeed"))
+    if stage == 3 and not sl.get("plan_file"):
+        problems.append(
+            "DeepSpeed ZeRO-3 partitions the weights before the plugin can calibrate; run "
+            "`sharelora plan --config <this yaml>` first and set sharelora.plan_file to the written sharelora_plan.json"
+        )
+    gc_kwargs = data.get("gradient_checkpointing_kwargs") or {}
+    distributed = (
+        bool(data.get("deepspeed")) or int(os.environ.get("WORLD_SIZE", "1")) > 1 or bool(data.get("ddp"))
+    )
+    if data.get("gradient_checkpointing") and gc_kwargs.get("use_reentrant") is True and distributed:
+        problems.append(
+            "gradient_checkpointing_kwargs.use_reentrant: true with shared LoRA modules under DDP/DeepSpeed makes "
+            "a shared parameter 'ready' twice per step; set use_reentrant: false (the default with sharelora)"
+        )
+    return problems
+
+
+class ShareLoRAArgs(BaseModel):
+    """Plugin input args: adds the ``sharelora:`` block to Axolotl's config schema."""
+
+    sharelora: ShareLoRAConfig | None = Field(
+        default=None,
+        description="ShareLoRA: share LoRA modules among similar decoder layers. Use with adapter: sharelora.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_combination(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        sl = data.get("sharelora")
+        enabled = isinstance(sl, dict) and sl.get("enabled") or getattr(sl, "enabled", False)
+        if enabled or data.get("adapter") == "sharelora":
+            problems = incompatible_options(data)
+            if problems:
+                raise ValueError(
+                    "adapter: sharelora cannot be used with this config:\n- " + "\n- ".join(problems)
+                )
+        return data

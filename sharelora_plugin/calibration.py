@@ -1,0 +1,219 @@
+"""Calibration: run samples through the frozen model and measure how alike the decoder layers' outputs are.
+
+For every sample and every decoder layer l we take x_l, the layer's output hidden state at the sample's final
+real (non-pad) token, and accumulate the pairwise angular distance of the ShareLoRA paper's eq. 4,
+``d(x_i, x_j) = arccos(cos(x_i, x_j)) / π``, averaged over samples (plain cosine is accumulated too).
+
+Layer outputs are captured with forward hooks on the decoder layers, not with ``output_hidden_states``:
+the last entry of ``hidden_states`` is taken *after* the final norm, not the last layer's output.
+Only a ``[batch, hidden]`` slice per layer is kept per batch, so memory does not grow with the number of
+samples or their length. Batches run through the model without its LM head.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import types
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sharelora_plugin.layers import backbone_without_head, find_decoder_layers
+
+
+@dataclass
+class CalibrationResult:
+    """Mean pairwise angular distance and cosine between decoder layer outputs (L×L each)."""
+
+    angular_distance: np.ndarray
+    cosine: np.ndarray
+    num_samples: int
+    num_tokens: int
+    seconds: float
+    layers_path: str
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.angular_distance.shape[0])
+
+    def similarity(self, metric: str = "angular") -> np.ndarray:
+        """Similarity compared against ε: ``1 − d`` for ``angular`` (default), mean cosine for ``cosine``."""
+        if metric == "angular":
+            sim = 1.0 - self.angular_distance
+        elif metric == "cosine":
+            sim = self.cosine.copy()
+        else:
+            raise ValueError(f"sharelora.metric must be 'angular' or 'cosine', got {metric!r}")
+        np.fill_diagonal(sim, 1.0)
+        return sim
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, for left or right padding (never from token ids:
+    pad and eos are the same token in many chat models)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.to(torch.long) * (positions + 1)).argmax(dim=1)
+
+
+def pairwise_angular_and_cosine(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``states`` of shape [L, B, H], return per-sample [B, L, L] angular distance (eq. 4) and cosine."""
+    unit = torch.nn.functional.normalize(states.to(torch.float64), dim=-1)
+    cos = torch.einsum("lbh,mbh->blm", unit, unit).clamp_(-1.0, 1.0)
+    return torch.arccos(cos) / math.pi, cos
+
+
+class _LastTokenCapture:
+    """Forward hooks that keep only the last-real-token slice of every decoder layer's output."""
+
+    def __init__(self, layers: nn.ModuleList):
+        self.layers = layers
+        self.index: torch.Tensor | None = None
+        self.captured: list[torch.Tensor | None] = [None] * len(layers)
+        self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers)]
+
+    def _hook(self, i: int):
+        def hook(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple | list) else output
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            self.captured[i] = hidden[rows, self.index.to(hidden.device)].detach().float().cpu()
+
+        return hook
+
+    def take(self) -> torch.Tensor:
+        missing = [i for i, t in enumerate(self.captured) if t is None]
+        if missing:
+            raise RuntimeError(f"decoder layers {missing} did not run during calibration")
+        stacked = torch.stack(self.captured)  # [L, B, H]
+        self.captured = [None] * len(self.layers)
+        return stacked
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _plain_qkv(self, hidden_states):
+    return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+
+
+def _plain_o(self, hidden_states):
+    return self.o_proj(hidden_states)
+
+
+@contextmanager
+def _attention_projection_fallbacks(layers: nn.ModuleList):
+    """Axolotl's LoRA-kernel patch rewrites the attention class's ``forward`` to call ``self.apply_qkv`` /
+    ``self.apply_o`` at model-load time but only binds those methods per instance after LoRA is applied.
+    Calibration runs in between, so bind plain projections for the pass and remove them afterwards."""
+    added = []
+    for module in layers.modules():
+        if all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            for attr, fn in (("apply_qkv", _plain_qkv), ("apply_o", _plain_o)):
+                if not hasattr(module, attr):
+                    setattr(module, attr, types.MethodType(fn, module))
+                    added.append((module, attr))
+    try:
+        yield
+    finally:
+        for module, attr in added:
+            delattr(module, attr)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    layers_path: str | None = None,
+    total: int | None = None,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Run ``batches`` (dicts with ``input_ids``/``attention_mask`` and, for a VLM, ``pixel_values`` …)
+    through the frozen ``model`` and return the averaged L×L layer-output distances.
+
+    The model is put in eval mode for the pass and restored afterwards; no gradients are recorded.
+    """
+    decoder = find_decoder_layers(model, layers_path)
+    runner = backbone_without_head(model)
+    device = _model_device(model)
+    capture = _LastTokenCapture(decoder.layers)
+    num_layers = len(decoder)
+    sum_angular = torch.zeros(num_layers, num_layers, dtype=torch.float64)
+    sum_cosine = torch.zeros(num_layers, num_layers, dtype=torch.float64)
+    num_samples = 0
+    num_tokens = 0
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with _attention_projection_fallbacks(decoder.layers):
+            for batch in tqdm(
+                batches, total=total, desc="ShareLoRA calibration", unit="batch", disable=not progress
+            ):
+                mask = batch["attention_mask"]
+                capture.index = last_token_index(mask)
+                inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+                runner(**inputs, use_cache=False)
+                angular, cosine = pairwise_angular_and_cosine(capture.take())
+                sum_angular += angular.sum(dim=0)
+                sum_cosine += cosine.sum(dim=0)
+                num_samples += int(mask.shape[0])
+                num_tokens += int(mask.sum())
+    finally:
+        capture.remove()
+        model.train(was_training)
+    if num_samples == 0:
+        raise ValueError(
+            "calibration received no samples; check sharelora.calibration (path, split, num_samples)"
+        )
+    angular_mean = (sum_angular / num_samples).numpy()
+    cosine_mean = (sum_cosine / num_samples).numpy()
+    # arccos of a float64 cosine of identical vectors can be ~1e-8 off zero; the diagonal is exact by definition
+    np.fill_diagonal(angular_mean, 0.0)
+    np.fill_diagonal(cosine_mean, 1.0)
+    return CalibrationResult(
+        angular_distance=angular_mean,
+        cosine=cosine_mean,
+        num_samples=num_samples,
+        num_tokens=num_tokens,
+        seconds=time.perf_counter() - start,
+        layers_path=decoder.path,
+    )
+
+
+def text_batches(
+    tokenizer,
+    texts: list[str],
+    *,
+    batch_size: int,
+    max_length: int,
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenize texts into padded batches (the tokenizer's own padding side is respected).
+
+    Texts are sorted by length so batches carry little padding; the result does not depend on the order
+    because every sample contributes independently to the mean.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lengths = [len(t) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = [texts[i] for i in order[start : start + batch_size]]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return batches

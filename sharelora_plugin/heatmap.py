@@ -1,0 +1,128 @@
+"""Heatmap of a :class:`~sharelora_plugin.planning.SharePlan`: the L x L similarity with the share sets outlined.
+
+Uses matplotlib's object API with the Agg canvas directly, so it never touches pyplot's global state or the
+process-wide backend (safe inside a training process and on headless machines).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from .planning import PlanError, SharePlan
+
+SET_OUTLINE_GID = "share_set"  # gid prefix of every patch drawn for a share set (tests and tools count them)
+
+
+def _tick_step(num_layers: int) -> int:
+    if num_layers <= 16:
+        return 1
+    if num_layers <= 40:
+        return 2
+    return 5
+
+
+def heatmap_figure(plan: SharePlan, title: str | None = None) -> Figure:
+    """Build the heatmap Figure for ``plan``.
+
+    Each share set gets a rectangle over its ``[min..max]`` block (solid when the set is a run of adjacent layers,
+    dashed otherwise); a non-contiguous set also gets an outline on every member-pair cell, so which layers
+    actually share is visible. Raises :class:`PlanError` when the plan carries no similarity matrix.
+    """
+    if plan.similarity is None:
+        raise PlanError(
+            "the plan has no similarity matrix to draw (strategy manual/alternate without calibration)"
+        )
+    sim = np.asarray(plan.similarity, dtype=np.float64)
+    num_layers = plan.num_layers
+    off_diagonal = sim[~np.eye(num_layers, dtype=bool)]
+
+    figure = Figure(figsize=(7.5, 6.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    image = axes.imshow(
+        sim,
+        cmap="viridis",
+        vmin=float(off_diagonal.min()),
+        vmax=float(off_diagonal.max()),
+        interpolation="nearest",
+    )
+    colorbar = figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    colorbar.set_label(f"{plan.metric} similarity")
+
+    palette = [
+        "#e41a1c",
+        "#ff7f00",
+        "#f781bf",
+        "#ffffff",
+        "#a65628",
+        "#984ea3",
+        "#e6ab02",
+        "#000000",
+    ]
+    for number, members in enumerate(plan.share_sets):
+        color = palette[number % len(palette)]
+        low, high = members[0], members[-1]
+        contiguous = members == list(range(low, high + 1))
+        axes.add_patch(
+            Rectangle(
+                (low - 0.5, low - 0.5),
+                high - low + 1,
+                high - low + 1,
+                fill=False,
+                edgecolor=color,
+                linewidth=2.0,
+                linestyle="-" if contiguous else "--",
+                gid=f"{SET_OUTLINE_GID}:{number}:block",
+            )
+        )
+        if not contiguous:
+            for row in members:
+                for col in members:
+                    if row != col:
+                        axes.add_patch(
+                            Rectangle(
+                                (col - 0.5, row - 0.5),
+                                1,
+                                1,
+                                fill=False,
+                                edgecolor=color,
+                                linewidth=1.0,
+                                gid=f"{SET_OUTLINE_GID}:{number}:cell",
+                            )
+                        )
+        axes.annotate(
+            f"L{low}",
+            xy=(high + 0.5, low - 0.5),
+            xytext=(2, 2),
+            textcoords="offset points",
+            color=color if color != "#ffffff" else "#444444",
+            fontsize=7,
+        )
+
+    ticks = list(range(0, num_layers, _tick_step(num_layers)))
+    axes.set_xticks(ticks)
+    axes.set_yticks(ticks)
+    axes.set_xlabel("layer")
+    axes.set_ylabel("layer")
+    if title is None:
+        threshold = "-" if plan.threshold is None else f"{plan.threshold:g}"
+        title = (
+            f"{plan.metric} similarity, \u03b5={threshold}, strategy={plan.strategy}\n"
+            f"{len(plan.share_sets)} share sets, {plan.distinct_modules}/{num_layers} distinct LoRA modules, "
+            f"rank {plan.base_rank}\u2192{plan.rank}"
+        )
+    axes.set_title(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def save_heatmap(plan: SharePlan, path: str | os.PathLike, title: str | None = None) -> None:
+    """Write the heatmap of ``plan`` (see :func:`heatmap_figure`) as a PNG to ``path``."""
+    figure = heatmap_figure(plan, title=title)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, format="png")

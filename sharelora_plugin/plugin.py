@@ -1,0 +1,155 @@
+"""Axolotl hooks for ShareLoRA — wiring only; the work lives in workflow/calibration/planning/tying.
+
+Hook                     What ShareLoRA does there
+-----------------------  ----------------------------------------------------------------------------------
+register (raw YAML)      ``adapter: sharelora`` → Axolotl's ``lora`` (``qlora`` with ``load_in_4bit``) so every
+                         code path keyed on those names (gradient checkpointing, BnB 8/4-bit loading, k-bit
+                         prep, LoRA kernels, merge) treats it exactly like LoRA; ``sharelora.enabled`` marks it.
+                         Gradient checkpointing defaults to non-reentrant (shared params + DDP need it).
+get_input_args           the ``sharelora:`` block (``args.ShareLoRAArgs``), validated with the config
+get_adapter_capabilities ``sharelora`` is a LoRA-like adapter (for configs validated without ``register``)
+pre_lora_load            plan: saved plan (plan_file / lora_model_dir / resumed checkpoint) or calibrate;
+                         the plan's rank becomes ``lora_r`` before PEFT builds modules
+post_lora_load           tie lora_A/lora_B of each share set to the leader's; verify; log; write the plan
+add_callbacks_post_trainer  copy the plan into every checkpoint
+post_train               check the ties survived training
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from axolotl.integrations.base import AdapterCapabilities, BasePlugin
+from axolotl.utils.logging import get_logger
+from transformers import TrainerCallback
+
+from sharelora_plugin import workflow
+from sharelora_plugin.planning import SharePlan
+from sharelora_plugin.tying import tie_lora_modules, unique_trainable_parameters, verify_ties
+
+LOG = get_logger("axolotl.integrations.sharelora")
+ADAPTER = "sharelora"
+
+
+def _enabled(cfg: Any) -> bool:
+    block = cfg.get("sharelora") if hasattr(cfg, "get") else None
+    return bool(
+        block and (block.get("enabled") if hasattr(block, "get") else getattr(block, "enabled", False))
+    )
+
+
+def alias_adapter(cfg: Any) -> None:
+    """Rewrite ``adapter: sharelora`` in place to the built-in LoRA adapter it behaves as."""
+    if cfg.get("adapter") != ADAPTER:
+        return
+    cfg["adapter"] = "qlora" if cfg.get("load_in_4bit") else "lora"
+    block = cfg.get("sharelora")
+    if block is None:
+        block = {}
+    elif not isinstance(block, dict):
+        block = dict(block)
+    block["enabled"] = True
+    cfg["sharelora"] = block
+    gc_kwargs = cfg.get("gradient_checkpointing_kwargs") or {}
+    if cfg.get("gradient_checkpointing") and "use_reentrant" not in gc_kwargs:
+        cfg["gradient_checkpointing_kwargs"] = {**dict(gc_kwargs), "use_reentrant": False}
+
+
+class PlanCheckpointCallback(TrainerCallback):
+    """Writes the plan into every ``checkpoint-N`` folder so resume and reload can re-tie from it."""
+
+    def __init__(self, plan: SharePlan, heatmap: bool):
+        self.plan = plan
+        self.heatmap = heatmap
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = f"{args.output_dir}/checkpoint-{state.global_step}"
+            workflow.save_plan_artifacts(self.plan, folder, heatmap=self.heatmap)
+        return control
+
+
+class ShareLoRAPlugin(BasePlugin):
+    """``plugins: [sharelora_plugin.ShareLoRAPlugin]`` + ``adapter: sharelora``."""
+
+    def __init__(self):
+        super().__init__()
+        self.plan: SharePlan | None = None
+        self.plan_source: str | None = None
+        self._aliased_from: dict[int, Any] = {}
+
+    def register(self, cfg: dict):
+        self._aliased_from[id(cfg)] = cfg.get("adapter")
+        alias_adapter(cfg)
+
+    def on_config_validation_error(self, cfg: dict):
+        original = self._aliased_from.pop(id(cfg), None)
+        if original == ADAPTER:
+            cfg["adapter"] = ADAPTER
+
+    def get_input_args(self) -> str:
+        return "sharelora_plugin.args.ShareLoRAArgs"
+
+    def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
+        return [AdapterCapabilities(name=ADAPTER, lora_like=True)]
+
+    def pre_model_load(self, cfg):
+        if cfg.adapter == ADAPTER:  # validated without register(): alias now so model loading matches LoRA
+            alias_adapter(cfg)
+        if _enabled(cfg):
+            LOG.info("ShareLoRA enabled (LoRA path: adapter=%s)", cfg.adapter)
+
+    def pre_lora_load(self, cfg, model):
+        if not _enabled(cfg):
+            return
+        from axolotl.loaders import load_tokenizer
+
+        self.plan, self.plan_source = workflow.make_or_load_plan(cfg, model, lambda: load_tokenizer(cfg))
+        if cfg.lora_model_dir is None and cfg.lora_r != self.plan.rank:
+            LOG.info("ShareLoRA: lora_r %s -> %s (rank expansion)", cfg.lora_r, self.plan.rank)
+            cfg.lora_r = self.plan.rank
+
+    def post_lora_load(self, cfg, model):
+        if not _enabled(cfg) or self.plan is None:
+            return
+        settings = workflow.sharelora_settings(cfg)
+        loaded_weights = bool(cfg.lora_model_dir)
+        report = tie_lora_modules(
+            model, self.plan.share_sets, layers_path=settings["layers_path"], require_equal=loaded_weights
+        )
+        verify_ties(model, self.plan.share_sets, layers_path=report.layers_path)
+        self.plan.metadata.update(
+            {
+                "adapter": ADAPTER,
+                "layers_path": report.layers_path,
+                "target_modules": report.target_modules,
+                "lora_params": report.lora_params_untied * self.plan.base_rank // self.plan.rank,
+                "lora_params_at_final_rank": report.lora_params_untied,
+                "sharelora_params": report.lora_params_tied,
+                "trainable_params": unique_trainable_parameters(model),
+                "plan_source": self.plan_source,
+            }
+        )
+        LOG.info(
+            "ShareLoRA plan (%s):\n%s\nLoRA params %s -> ShareLoRA params %s (%.1f%%); trainable total %s",
+            self.plan_source,
+            self.plan.summary_table(),
+            f"{self.plan.metadata['lora_params']:,}",
+            f"{report.lora_params_tied:,}",
+            100.0 * report.lora_params_tied / max(1, self.plan.metadata["lora_params"]),
+            f"{self.plan.metadata['trainable_params']:,}",
+        )
+        if cfg.output_dir and workflow.is_main_process():
+            written = workflow.save_plan_artifacts(
+                self.plan, cfg.output_dir, heatmap=settings["save_heatmap"]
+            )
+            LOG.info("ShareLoRA: wrote %s", ", ".join(str(p) for p in written))
+
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        if not _enabled(cfg) or self.plan is None:
+            return []
+        return [PlanCheckpointCallback(self.plan, workflow.sharelora_settings(cfg)["save_heatmap"])]
+
+    def post_train(self, cfg, model):
+        if _enabled(cfg) and self.plan is not None:
+            verify_ties(model, self.plan.share_sets, layers_path=self.plan.metadata.get("layers_path"))

@@ -1,0 +1,246 @@
+"""The ShareLoRA steps as the plugin and the CLI run them: find or make the plan, apply it, write it out.
+
+This is the one place that joins config (``args``), calibration, planning and tying; each of those stays
+ignorant of the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from sharelora_plugin.calibration import CalibrationResult, calibrate, text_batches
+from sharelora_plugin.layers import find_decoder_layers
+from sharelora_plugin.planning import PlanError, SharePlan, make_plan
+
+LOG = logging.getLogger("axolotl.integrations.sharelora")
+
+PLAN_FILENAME = "sharelora_plan.json"
+HEATMAP_FILENAME = "sharelora_similarity.png"
+
+
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    if obj is None:
+        return default
+    if isinstance(obj, dict):
+        value = obj.get(key, default)
+    else:
+        value = getattr(obj, key, default)
+    return default if value is None else value
+
+
+def sharelora_settings(cfg: Any) -> dict:
+    """The ``sharelora:`` block as a plain dict with defaults filled in (works on a validated Axolotl cfg)."""
+    from sharelora_plugin.args import ShareLoRAConfig
+
+    block = _get(cfg, "sharelora") or {}
+    if hasattr(block, "to_dict"):
+        block = block.to_dict()
+    elif hasattr(block, "model_dump"):
+        block = block.model_dump()
+    return ShareLoRAConfig(**{k: v for k, v in dict(block).items() if v is not None}).model_dump()
+
+
+def resume_checkpoint(cfg: Any) -> str | None:
+    """The checkpoint this run will resume from (explicit or by auto-resume), known before the model loads."""
+    explicit = _get(cfg, "resume_from_checkpoint")
+    if explicit:
+        return str(explicit)
+    output_dir = _get(cfg, "output_dir")
+    if _get(cfg, "auto_resume_from_checkpoints") and output_dir:
+        ckpts = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+        if ckpts:
+            return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1])))
+    return None
+
+
+def saved_plan_source(cfg: Any) -> Path | None:
+    """Where an existing plan must come from, in order: ``sharelora.plan_file``, the adapter being loaded
+    (``lora_model_dir``), the checkpoint being resumed. ``None`` means: calibrate."""
+    settings = sharelora_settings(cfg)
+    if settings["plan_file"]:
+        return Path(settings["plan_file"])
+    for folder in (_get(cfg, "lora_model_dir"), resume_checkpoint(cfg)):
+        if folder and (Path(folder) / PLAN_FILENAME).is_file():
+            return Path(folder) / PLAN_FILENAME
+    return None
+
+
+def load_calibration_rows(settings: dict, cfg: Any) -> tuple[list[dict], str]:
+    """Read ``num_samples`` rows (seeded choice) from ``sharelora.calibration.path`` or the first training
+    dataset. Returns the rows and a description of the source."""
+    from datasets import load_dataset
+
+    cal = settings["calibration"]
+    path = cal["path"]
+    if not path:
+        datasets = _get(cfg, "datasets") or []
+        if not datasets:
+            raise PlanError(
+                "sharelora.calibration.path is not set and the config has no datasets to calibrate on"
+            )
+        path = _get(datasets[0], "path")
+        LOG.info("ShareLoRA: calibrating on the first training dataset %s", path)
+    p = Path(str(path)).expanduser()
+    if p.is_file():
+        suffix = p.suffix.lower()
+        builder = {
+            ".json": "json",
+            ".jsonl": "json",
+            ".txt": "text",
+            ".parquet": "parquet",
+            ".csv": "csv",
+        }.get(suffix)
+        if builder is None:
+            raise PlanError(f"sharelora.calibration.path={str(p)!r}: unsupported file type {suffix!r}")
+        ds = load_dataset(builder, data_files=str(p), split="train")
+    else:
+        ds = load_dataset(str(path), cal["name"], split=cal["split"], data_files=cal["data_files"])
+    n = min(cal["num_samples"], len(ds))
+    if n < cal["num_samples"]:
+        LOG.warning(
+            "ShareLoRA: calibration source %s has %d rows < num_samples=%d; using all",
+            path,
+            n,
+            cal["num_samples"],
+        )
+    ds = ds.shuffle(seed=cal["seed"]).select(range(n))
+    return [dict(row) for row in ds], str(path)
+
+
+def rows_to_texts(rows: list[dict], tokenizer, settings: dict) -> list[str]:
+    """Raw text per row: the text column, else the chat messages rendered with the tokenizer's template,
+    else alpaca-style instruction/input/output joined."""
+    cal = settings["calibration"]
+    texts = []
+    for k, row in enumerate(rows):
+        if isinstance(row.get(cal["text_field"]), str):
+            texts.append(row[cal["text_field"]])
+        elif isinstance(row.get(cal["messages_field"]), list):
+            messages = [{"role": m["role"], "content": m["content"]} for m in row[cal["messages_field"]]]
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        elif "instruction" in row:
+            parts = [row.get("instruction"), row.get("input"), row.get("output")]
+            texts.append("\n".join(str(x) for x in parts if x))
+        else:
+            raise PlanError(
+                f"calibration row {k} has no {cal['text_field']!r} text, no {cal['messages_field']!r} messages and "
+                f"no instruction; columns are {sorted(row)} — set sharelora.calibration.text_field"
+            )
+    return [t for t in texts if t.strip()]
+
+
+def run_calibration(model, tokenizer, settings: dict, cfg: Any) -> CalibrationResult:
+    """Calibrate ``model`` on the configured text samples."""
+    rows, source = load_calibration_rows(settings, cfg)
+    texts = rows_to_texts(rows, tokenizer, settings)
+    cal = settings["calibration"]
+    batches = text_batches(tokenizer, texts, batch_size=cal["batch_size"], max_length=cal["max_length"])
+    result = calibrate(model, batches, layers_path=settings["layers_path"], total=len(batches))
+    result.settings = {
+        "source": source,
+        "num_samples": result.num_samples,
+        "num_tokens": result.num_tokens,
+        "max_length": cal["max_length"],
+        "batch_size": cal["batch_size"],
+        "seed": cal["seed"],
+        "seconds": round(result.seconds, 3),
+        "layers_path": result.layers_path,
+    }
+    return result
+
+
+def plan_from_calibration(result: CalibrationResult, settings: dict, base_rank: int) -> SharePlan:
+    """Turn a calibration result into a plan with the configured strategy."""
+    plan = make_plan(
+        num_layers=result.num_layers,
+        strategy=settings["strategy"],
+        similarity=result.similarity(settings["metric"]),
+        threshold=settings["threshold"],
+        metric=settings["metric"],
+        share_sets=settings["share_sets"],
+        contiguous=settings["contiguous"],
+        seed=settings["seed"],
+        rank=base_rank,
+        rank_expansion=settings["rank_expansion"],
+        target_fraction=settings["target_fraction"],
+    )
+    plan.metadata["calibration"] = dict(result.settings)
+    plan.metadata["angular_distance"] = result.angular_distance.round(6).tolist()
+    plan.metadata["cosine"] = result.cosine.round(6).tolist()
+    return plan
+
+
+def check_plan_fits(
+    plan: SharePlan, model, settings: dict, source: str, base_rank: int | None = None
+) -> None:
+    """Refuse a saved plan made for another model or another LoRA rank."""
+    num_layers = len(find_decoder_layers(model, settings["layers_path"]))
+    if plan.num_layers != num_layers:
+        raise PlanError(
+            f"{source}: the plan is for {plan.num_layers} decoder layers but this model has {num_layers}; "
+            "make a plan for this model (`sharelora plan --config …`) or remove sharelora.plan_file"
+        )
+    if base_rank is not None and plan.base_rank != base_rank:
+        raise PlanError(
+            f"{source}: the plan was made for lora_r={plan.base_rank} (rank {plan.rank} after expansion) but "
+            f"lora_r is {base_rank}; set lora_r: {plan.base_rank} or make a new plan"
+        )
+
+
+def make_or_load_plan(cfg: Any, model, tokenizer_loader) -> tuple[SharePlan, str]:
+    """The plan for this run: loaded from a saved plan when one applies, else calibrated (main process only,
+    then broadcast so every process builds the same modules). Returns the plan and where it came from."""
+    settings = sharelora_settings(cfg)
+    base_rank = int(_get(cfg, "lora_r", 8))
+    source = saved_plan_source(cfg)
+    if source is not None:
+        plan = SharePlan.load(source)
+        check_plan_fits(
+            plan, model, settings, str(source), None if _get(cfg, "lora_model_dir") else base_rank
+        )
+        return plan, str(source)
+    state = _distributed_state()
+    plan_dict = None
+    if state is None or state.is_main_process:
+        result = run_calibration(model, tokenizer_loader(), settings, cfg)
+        plan = plan_from_calibration(result, settings, base_rank)
+        plan.metadata["model"] = str(_get(cfg, "base_model", ""))
+        plan_dict = plan.to_dict()
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [plan_dict]
+        broadcast_object_list(box, from_process=0)
+        plan_dict = box[0]
+    return SharePlan.from_dict(plan_dict), "calibration"
+
+
+def _distributed_state():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def is_main_process() -> bool:
+    """True on the process that writes files (rank 0) and in single-process runs."""
+    state = _distributed_state()
+    return state is None or state.is_main_process
+
+
+def save_plan_artifacts(plan: SharePlan, folder: str | Path, *, heatmap: bool = True) -> list[Path]:
+    """Write ``sharelora_plan.json`` (and the heatmap when the plan has a matrix) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / PLAN_FILENAME]
+    plan.save(written[0])
+    if heatmap and plan.similarity is not None:
+        from sharelora_plugin.heatmap import save_heatmap
+
+        save_heatmap(plan, folder / HEATMAP_FILENAME)
+        written.append(folder / HEATMAP_FILENAME)
+    return written
