@@ -166,7 +166,11 @@ def calibrate(
             ):
                 mask = batch["attention_mask"]
                 capture.index = last_token_index(mask)
-                inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+                inputs = dict(batch)
+                if "position_ids" not in inputs:
+                    # real tokens keep positions 0..n-1 under left padding too, as in generation
+                    inputs["position_ids"] = (mask.to(torch.long).cumsum(dim=1) - 1).clamp_(min=0)
+                inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
                 runner(**inputs, use_cache=False)
                 angular, cosine = pairwise_angular_and_cosine(capture.take())
                 sum_angular += angular.sum(dim=0)

@@ -1,0 +1,64 @@
+"""Shared fixtures: offline environment, tiny random Llama models, the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+for key, value in {
+    "AXOLOTL_DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(key, value)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct prepared by `make setup`."""
+    from sharelora_plugin.embedded import model_dir
+
+    path = model_dir()
+    if not (path / "config.json").is_file():
+        pytest.fail(f"{path} is missing: run `make setup` (it converts the embedded SmolLM2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    from sharelora_plugin.embedded import data_dir as _data_dir
+
+    path = _data_dir()
+    if not (path / "lee_background.jsonl").is_file():
+        pytest.fail(f"{path} is missing: run `make setup`")
+    return path
+
+
+def tiny_llama(num_layers: int = 6, seed: int = 0, hidden: int = 32, **overrides):
+    """A random Llama small enough for logic tests (a few thousand parameters per layer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        **overrides,
+    )
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return model
