@@ -150,10 +150,9 @@ def test_plugin_reload_reties_from_saved_plan(trained, monkeypatch):
     from axolotl.cli.config import load_cfg
     from axolotl.loaders import ModelLoader, load_tokenizer
 
+    from sharelora_plugin import workflow
     from sharelora_plugin.planning import SharePlan
     from sharelora_plugin.tying import verify_ties
-
-    from sharelora_plugin import workflow
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("reload must use the saved plan, not recalibrate")
