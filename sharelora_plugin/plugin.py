@@ -8,6 +8,7 @@ register (raw YAML)      ``adapter: sharelora`` → Axolotl's ``lora`` (``qlora`
                          Gradient checkpointing defaults to non-reentrant (shared params + DDP need it).
 get_input_args           the ``sharelora:`` block (``args.ShareLoRAArgs``), validated with the config
 get_adapter_capabilities ``sharelora`` is a LoRA-like adapter (for configs validated without ``register``)
+load_datasets            nothing but a CPU-only multi-process fix of Axolotl's device_map (datasets load as usual)
 pre_lora_load            plan: saved plan (plan_file / lora_model_dir / resumed checkpoint) or calibrate;
                          the plan's rank becomes ``lora_r`` before PEFT builds modules
 post_lora_load           tie lora_A/lora_B of each share set to the leader's; verify; log; write the plan
@@ -25,7 +26,13 @@ from transformers import TrainerCallback
 
 from sharelora_plugin import workflow
 from sharelora_plugin.planning import SharePlan
-from sharelora_plugin.tying import tie_lora_modules, unique_trainable_parameters, verify_ties
+from sharelora_plugin.tying import (
+    tie_layout_fingerprint,
+    tie_lora_modules,
+    trainable_checksum,
+    unique_trainable_parameters,
+    verify_ties,
+)
 
 LOG = get_logger("axolotl.integrations.sharelora")
 ADAPTER = "sharelora"
@@ -81,6 +88,8 @@ class ShareLoRAPlugin(BasePlugin):
     def register(self, cfg: dict):
         self._aliased_from[id(cfg)] = cfg.get("adapter")
         alias_adapter(cfg)
+        if _enabled(cfg):
+            workflow.init_cpu_process_group()
 
     def on_config_validation_error(self, cfg: dict):
         original = self._aliased_from.pop(id(cfg), None)
@@ -93,11 +102,20 @@ class ShareLoRAPlugin(BasePlugin):
     def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
         return [AdapterCapabilities(name=ADAPTER, lora_like=True)]
 
+    def load_datasets(self, cfg, preprocess: bool = False):
+        # The first hook after Axolotl's normalize_config, which maps each rank to accelerator index
+        # LOCAL_RANK even on a CPU-only machine; there, multi-process (gloo) ranks load onto the CPU.
+        # Returns None: Axolotl loads the datasets as usual.
+        if _enabled(cfg) and workflow.cpu_only_multiprocess():
+            cfg.device_map = {"": "cpu"}
+        return None
+
     def pre_model_load(self, cfg):
         if cfg.adapter == ADAPTER:  # validated without register(): alias now so model loading matches LoRA
             alias_adapter(cfg)
-        if _enabled(cfg):
-            LOG.info("ShareLoRA enabled (LoRA path: adapter=%s)", cfg.adapter)
+        if not _enabled(cfg):
+            return
+        LOG.info("ShareLoRA enabled (LoRA path: adapter=%s)", cfg.adapter)
 
     def pre_lora_load(self, cfg, model):
         if not _enabled(cfg):
@@ -139,6 +157,13 @@ class ShareLoRAPlugin(BasePlugin):
             100.0 * report.lora_params_tied / max(1, self.plan.metadata["lora_params"]),
             f"{self.plan.metadata['trainable_params']:,}",
         )
+        # every process logs what it built: a multi-process run must show one plan and one layout
+        workflow.log_all_ranks(
+            "ShareLoRA rank %d: plan %s, tie layout %s",
+            workflow.process_index(),
+            self.plan.fingerprint(),
+            tie_layout_fingerprint(model, layers_path=report.layers_path),
+        )
         if cfg.output_dir and workflow.is_main_process():
             written = workflow.save_plan_artifacts(
                 self.plan, cfg.output_dir, heatmap=settings["save_heatmap"]
@@ -153,3 +178,8 @@ class ShareLoRAPlugin(BasePlugin):
     def post_train(self, cfg, model):
         if _enabled(cfg) and self.plan is not None:
             verify_ties(model, self.plan.share_sets, layers_path=self.plan.metadata.get("layers_path"))
+            workflow.log_all_ranks(
+                "ShareLoRA rank %d: ties hold after training; trainable checksum %s",
+                workflow.process_index(),
+                trainable_checksum(model),
+            )

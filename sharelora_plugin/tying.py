@@ -195,3 +195,13 @@ def tie_layout_fingerprint(model: nn.Module, *, layers_path: str | None = None) 
                     shapes = [tuple(p.shape) for p in sub.parameters()]
                     rows.append(f"{key}->{owner}:{shapes}")
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def trainable_checksum(model: nn.Module) -> str:
+    """Hash of all trainable values (shared tensors once); equal on every process after synchronised steps."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

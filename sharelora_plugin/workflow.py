@@ -13,6 +13,14 @@ from typing import Any
 
 from sharelora_plugin.calibration import CalibrationResult, calibrate, text_batches
 from sharelora_plugin.layers import find_decoder_layers
+from sharelora_plugin.multimodal import (
+    calibration_image_roots,
+    is_multimodal,
+    load_calibration_processor,
+    training_chat_template,
+    vision_dtype,
+    visual_text_batches,
+)
 from sharelora_plugin.planning import PlanError, SharePlan, make_plan
 
 LOG = logging.getLogger("axolotl.integrations.sharelora")
@@ -133,14 +141,32 @@ def rows_to_texts(rows: list[dict], tokenizer, settings: dict) -> list[str]:
 
 
 def run_calibration(model, tokenizer, settings: dict, cfg: Any) -> CalibrationResult:
-    """Calibrate ``model`` on the configured text samples."""
+    """Calibrate ``model`` on the configured samples: texts for a language model; image + text conversations,
+    prepared with the model's processor and run through the whole VLM, for a multimodal model (LLaVA). Either way
+    only the language model's decoder layers are measured."""
     rows, source = load_calibration_rows(settings, cfg)
-    texts = rows_to_texts(rows, tokenizer, settings)
     cal = settings["calibration"]
-    batches = text_batches(tokenizer, texts, batch_size=cal["batch_size"], max_length=cal["max_length"])
+    modality = "text"
+    if is_multimodal(model):
+        modality = "visual-text"
+        processor = load_calibration_processor(cfg, tokenizer)
+        batches = visual_text_batches(
+            processor,
+            rows,
+            batch_size=cal["batch_size"],
+            max_length=cal["max_length"],
+            chat_template=training_chat_template(cfg, tokenizer, processor),
+            messages_field=cal["messages_field"],
+            image_roots=calibration_image_roots(source, cal),
+            pixel_dtype=vision_dtype(model),
+        )
+    else:
+        texts = rows_to_texts(rows, tokenizer, settings)
+        batches = text_batches(tokenizer, texts, batch_size=cal["batch_size"], max_length=cal["max_length"])
     result = calibrate(model, batches, layers_path=settings["layers_path"], total=len(batches))
     result.settings = {
         "source": source,
+        "modality": modality,
         "num_samples": result.num_samples,
         "num_tokens": result.num_tokens,
         "max_length": cal["max_length"],
@@ -149,6 +175,10 @@ def run_calibration(model, tokenizer, settings: dict, cfg: Any) -> CalibrationRe
         "seconds": round(result.seconds, 3),
         "layers_path": result.layers_path,
     }
+    if modality == "visual-text":
+        result.settings["num_images"] = sum(
+            int(b["pixel_values"].shape[0]) for b in batches if "pixel_values" in b
+        )
     return result
 
 
@@ -205,6 +235,7 @@ def make_or_load_plan(cfg: Any, model, tokenizer_loader) -> tuple[SharePlan, str
     state = _distributed_state()
     plan_dict = None
     if state is None or state.is_main_process:
+        LOG.info("ShareLoRA: calibrating on process %d (no saved plan applies)", process_index())
         result = run_calibration(model, tokenizer_loader(), settings, cfg)
         plan = plan_from_calibration(result, settings, base_rank)
         plan.metadata["model"] = str(_get(cfg, "base_model", ""))
@@ -224,6 +255,37 @@ def _distributed_state():
     from accelerate import PartialState
 
     return PartialState()
+
+
+def cpu_only_multiprocess() -> bool:
+    """A multi-process launch on a machine without CUDA (DDP over gloo)."""
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def init_cpu_process_group() -> None:
+    """On a CPU-only multi-process launch, make accelerate's process state multi-CPU (gloo): otherwise it is
+    created single-process, the Trainer does not wrap the model in DDP and every rank trains alone."""
+    if cpu_only_multiprocess():
+        from accelerate import PartialState
+
+        # `accelerate launch --multi_gpu` exports ACCELERATE_USE_CPU=False; the Trainer re-creates the state
+        # from it, so it must say CPU too
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+        state = PartialState(cpu=True)
+        if state.num_processes < 2:
+            LOG.warning("WORLD_SIZE>1 but accelerate's process state is single-process; gradients will not sync")
+
+
+def process_index() -> int:
+    """This process's rank (0 in single-process runs)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def log_all_ranks(message: str, *args: Any) -> None:
+    """Log on every process (Axolotl's adapter logs on the main process only)."""
+    LOG.info(message, *args)
 
 
 def is_main_process() -> bool:

@@ -1,0 +1,372 @@
+"""Visual-text calibration batches for a LLaVA-style model (paper §4.2: 128 visual-text samples for LLaVA-1.5).
+
+A calibration row is an image + text conversation, in any of the shapes Axolotl's multimodal ``chat_template``
+datasets accept:
+
+* ``messages`` (or ``sharelora.calibration.messages_field``) in OpenAI style, where ``content`` is a string or a
+  list of ``{"type": "text", "text": ...}`` / ``{"type": "image", "path" | "url" | "base64" | "image": ...}``
+  entries (what ``llava/convert_instruct.py`` writes);
+* ShareGPT/LLaVA style ``conversations`` (``from: human/gpt``, ``value`` with an ``<image>`` placeholder) plus an
+  ``image`` column (upstream LLaVA-Instruct records, used directly as a separate calibration set);
+* an ``image``/``images`` column with messages that hold no image entry: the image is added to the first user
+  message, as Axolotl's ``ProcessingStrategy`` does.
+
+Every row is rendered with the training chat template (``processor.apply_chat_template(..., tokenize=False)``) and
+encoded by the model's processor, which expands each ``<image>`` into the vision tower's number of image tokens.
+Rows are encoded one at a time and padded afterwards with the tokenizer's padding side, so truncation to
+``max_length`` can be checked never to cut into an image's tokens. ``position_ids`` count real tokens only, so a
+left-padded row sees the same positions as the unpadded one. The batches go through the full VLM (vision tower,
+projector, language model); :func:`sharelora_plugin.calibration.calibrate` measures the language model's decoder
+layers only, at each row's last real token.
+
+Relative image paths are resolved against, in order: the folders given (``image_roots``: the calibration file's
+folder, ``sharelora.calibration.image_root`` when the config has one), then the working directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LOG = logging.getLogger("axolotl.integrations.sharelora")
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_KEYS = ("image", "path", "url", "base64")
+ROLE_OF = {"human": "user", "gpt": "assistant"}
+# Processor outputs that hold one entry per image (not per token) and are passed to the model as they are.
+PER_IMAGE_KEYS = ("pixel_values", "image_sizes")
+
+
+class VisualCalibrationError(ValueError):
+    """A calibration row cannot be turned into model inputs; the message names the row and the problem."""
+
+
+@dataclass
+class EncodedSample:
+    """One row after the processor: unpadded token ids and its per-image tensors."""
+
+    input_ids: list[int]
+    per_image: dict[str, torch.Tensor]
+    num_images: int
+    num_image_tokens: int
+
+
+def is_multimodal(model: torch.nn.Module) -> bool:
+    """True for a vision-language model (a config with a ``vision_config``, e.g. ``LlavaForConditionalGeneration``),
+    also when wrapped in a ``PeftModel``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "vision_config", None) is not None
+
+
+def _drop_none(value: Any) -> Any:
+    # datasets unifies the keys of a list of structs, filling the absent ones with None
+    if isinstance(value, Mapping):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def resolve_image_path(ref: str, image_roots: Sequence[Path]) -> Path:
+    """An existing file for ``ref``: as given when absolute, else the first ``root / ref`` that exists, else
+    ``ref`` relative to the working directory. Raises ``FileNotFoundError`` listing what was tried."""
+    path = Path(ref).expanduser()
+    candidates = [path] if path.is_absolute() else [Path(root) / path for root in image_roots] + [path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(f"image {ref!r} not found (tried {tried})")
+
+
+def load_image(ref: Any, image_roots: Sequence[Path]):
+    """A PIL RGB image from a PIL image, a path (resolved with :func:`resolve_image_path`), a ``data:`` URI or
+    base64 string, or an http(s) URL (needs network)."""
+    from PIL import Image
+
+    if isinstance(ref, Image.Image):
+        return ref.convert("RGB")
+    if isinstance(ref, Mapping) and ref.get("bytes"):  # datasets' Image feature, undecoded
+        return Image.open(io.BytesIO(ref["bytes"])).convert("RGB")
+    if isinstance(ref, Mapping) and ref.get("path"):
+        ref = ref["path"]
+    if not isinstance(ref, str):
+        raise TypeError(f"cannot load an image from {type(ref).__name__}")
+    if ref.startswith(("http://", "https://")):
+        from transformers.image_utils import load_image as load_remote
+
+        return load_remote(ref).convert("RGB")
+    if ref.startswith("data:image"):
+        ref = ref.split(",", 1)[1]
+        return Image.open(io.BytesIO(base64.b64decode(ref))).convert("RGB")
+    try:
+        path = resolve_image_path(ref, image_roots)
+    except FileNotFoundError:
+        if len(ref) > 256:  # a long string that is no file: base64 without the data: prefix
+            return Image.open(io.BytesIO(base64.b64decode(ref))).convert("RGB")
+        raise
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _content_list(content: Any) -> list[dict]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, list):
+        return [dict(part) for part in content]
+    raise TypeError(f"message content must be a string or a list, got {type(content).__name__}")
+
+
+def _from_conversations(turns: list[dict]) -> tuple[list[dict], int]:
+    """LLaVA/ShareGPT turns → messages; ``<image>`` placeholders become bare image entries."""
+    messages, placeholders = [], 0
+    for turn in turns:
+        role = ROLE_OF.get(turn.get("from"), turn.get("from"))
+        content: list[dict] = []
+        for k, piece in enumerate(str(turn.get("value", "")).split(IMAGE_PLACEHOLDER)):
+            if k > 0:
+                content.append({"type": "image"})
+                placeholders += 1
+            piece = piece.strip("\n")
+            if piece:
+                content.append({"type": "text", "text": piece})
+        messages.append({"role": role, "content": content})
+    return messages, placeholders
+
+
+def row_to_messages(
+    row: Mapping[str, Any], *, messages_field: str = "messages", image_roots: Sequence[Path] = ()
+) -> tuple[list[dict], list[Any]]:
+    """Messages with bare ``{"type": "image"}`` entries, and the PIL images those entries stand for, in order."""
+    row = _drop_none(dict(row))
+    if isinstance(row.get(messages_field), list):
+        messages = [
+            {"role": m["role"], "content": _content_list(m.get("content"))} for m in row[messages_field]
+        ]
+    elif isinstance(row.get("conversations"), list):
+        messages, _ = _from_conversations(row["conversations"])
+    else:
+        raise VisualCalibrationError(
+            f"no {messages_field!r} messages and no 'conversations' (columns: {sorted(row)}); "
+            "set sharelora.calibration.messages_field"
+        )
+    column = row.get("images", row.get("image"))
+    column_images = [] if column is None else list(column) if isinstance(column, list) else [column]
+    images: list[Any] = []
+    bare_entries = 0
+    for message in messages:
+        for k, part in enumerate(message["content"]):
+            if part.get("type") != "image":
+                continue
+            ref = next((part[key] for key in IMAGE_KEYS if part.get(key) is not None), None)
+            if ref is None:
+                if bare_entries >= len(column_images):
+                    raise VisualCalibrationError(
+                        "an image entry without path/url/image/base64 and no image left in the "
+                        "'image'/'images' column"
+                    )
+                ref = column_images[bare_entries]
+                bare_entries += 1
+            images.append(load_image(ref, image_roots))
+            message["content"][k] = {"type": "image"}
+    if not images and column_images:
+        # Axolotl's ProcessingStrategy: a column image goes into the first user message
+        first_user = next((m for m in messages if m["role"] == "user"), messages[0] if messages else None)
+        if first_user is None:
+            raise VisualCalibrationError("an image column but no messages to attach it to")
+        first_user["content"].append({"type": "image"})
+        images.append(load_image(column_images[0], image_roots))
+    return messages, images
+
+
+def encode_sample(
+    processor, messages: list[dict], images: list[Any], *, chat_template: str | None, max_length: int
+) -> EncodedSample:
+    """Render ``messages`` with the chat template and run the processor (which expands the image tokens);
+    truncate to ``max_length`` tokens unless that would cut an image's tokens."""
+    text = processor.apply_chat_template(
+        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=False
+    )
+    enc = processor(images=images or None, text=[text], return_tensors="pt")
+    ids = enc["input_ids"][0].tolist()
+    image_token_id = _image_token_id(processor)
+    num_image_tokens = sum(1 for t in ids if t == image_token_id)
+    if images and num_image_tokens == 0:
+        raise VisualCalibrationError(
+            f"the chat template rendered no {getattr(processor, 'image_token', IMAGE_PLACEHOLDER)!r} for the "
+            "row's image; use the model's chat template (chat_template: llava for LLaVA-1.5)"
+        )
+    if len(ids) > max_length:
+        kept = sum(1 for t in ids[:max_length] if t == image_token_id)
+        if kept != num_image_tokens:
+            raise VisualCalibrationError(
+                f"sharelora.calibration.max_length={max_length} cuts into the image tokens of a row with "
+                f"{len(ids)} tokens ({num_image_tokens} of them image tokens); raise max_length"
+            )
+        ids = ids[:max_length]
+    per_image = {k: enc[k] for k in PER_IMAGE_KEYS if k in enc and enc[k] is not None}
+    return EncodedSample(
+        input_ids=ids, per_image=per_image, num_images=len(images), num_image_tokens=num_image_tokens
+    )
+
+
+def _image_token_id(processor) -> int | None:
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None and getattr(processor, "image_token", None):
+        token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return token_id
+
+
+def pad_samples(
+    tokenizer, samples: Sequence[EncodedSample], *, pixel_dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Pad samples into one batch on the tokenizer's padding side; ``position_ids`` count real tokens only
+    (0 for padding); per-image tensors are concatenated in row order, as the model consumes them."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    width = max(len(s.input_ids) for s in samples)
+    left = tokenizer.padding_side == "left"
+    input_ids = torch.full((len(samples), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(sample.input_ids)
+        cols = slice(width - n, width) if left else slice(0, n)
+        input_ids[row, cols] = torch.tensor(sample.input_ids, dtype=torch.long)
+        attention_mask[row, cols] = 1
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    for key in PER_IMAGE_KEYS:
+        parts = [s.per_image[key] for s in samples if key in s.per_image]
+        if parts:
+            batch[key] = torch.cat(parts, dim=0)
+    if pixel_dtype is not None and "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(pixel_dtype)
+    return batch
+
+
+def visual_text_batches(
+    processor,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int,
+    max_length: int,
+    chat_template: str | None = None,
+    messages_field: str = "messages",
+    image_roots: Sequence[Path] = (),
+    pixel_dtype: torch.dtype | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches (``input_ids``, ``attention_mask``, ``position_ids``, ``pixel_values`` …) from
+    image+text rows. Rows are sorted by length so batches carry little padding (the result does not depend on the
+    order: every sample contributes to the mean on its own). Text-only rows are allowed alongside."""
+    samples = []
+    for index, row in enumerate(rows):
+        try:
+            messages, images = row_to_messages(row, messages_field=messages_field, image_roots=image_roots)
+            samples.append(
+                encode_sample(processor, messages, images, chat_template=chat_template, max_length=max_length)
+            )
+        except (VisualCalibrationError, FileNotFoundError, TypeError, KeyError) as err:
+            row_id = row.get("id") if isinstance(row, Mapping) else None
+            raise VisualCalibrationError(f"calibration row {index} (id={row_id}): {err}") from err
+    if not samples:
+        raise VisualCalibrationError("no calibration rows; check sharelora.calibration (path, num_samples)")
+    with_images = sum(1 for s in samples if s.num_images)
+    if with_images == 0:
+        raise VisualCalibrationError(
+            "none of the calibration rows has an image; visual-text calibration needs image+text samples "
+            "(give image entries in the messages or an 'image' column)"
+        )
+    if with_images < len(samples):
+        LOG.warning(
+            "ShareLoRA: %d of %d calibration rows have no image", len(samples) - with_images, len(samples)
+        )
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
+    return [
+        pad_samples(
+            processor.tokenizer,
+            [samples[i] for i in order[start : start + batch_size]],
+            pixel_dtype=pixel_dtype,
+        )
+        for start in range(0, len(order), batch_size)
+    ]
+
+
+def load_calibration_processor(cfg: Any, tokenizer):
+    """The processor Axolotl trains with (``axolotl.loaders.load_processor``; ``processor_config`` is set for
+    multimodal configs), else ``AutoProcessor`` of the base model; its tokenizer is the one given."""
+    processor_config = _cfg_get(cfg, "processor_config")
+    if processor_config:
+        from axolotl.loaders import load_processor
+
+        return load_processor(cfg, tokenizer)
+    base_model = _cfg_get(cfg, "base_model")
+    if not base_model:
+        raise VisualCalibrationError(
+            "cannot load the processor: the config has no base_model / processor_config"
+        )
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(
+        base_model, trust_remote_code=bool(_cfg_get(cfg, "trust_remote_code"))
+    )
+    processor.tokenizer = tokenizer
+    return processor
+
+
+def training_chat_template(cfg: Any, tokenizer, processor) -> str | None:
+    """The chat template the multimodal collator renders with: the config's ``chat_template`` (resolved like
+    Axolotl does) when set, else the processor's or the tokenizer's own."""
+    if _cfg_get(cfg, "chat_template"):
+        from axolotl.utils.chat_templates import get_chat_template_from_config
+
+        return get_chat_template_from_config(cfg=cfg, tokenizer=tokenizer)
+    template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise VisualCalibrationError(
+            "the processor has no chat template; set chat_template (e.g. chat_template: llava) in the config"
+        )
+    return template
+
+
+def calibration_image_roots(source: str, calibration: Mapping[str, Any]) -> list[Path]:
+    """Folders that relative image paths of calibration rows are looked up in: ``calibration.image_root`` (if
+    the ``sharelora.calibration`` block has that key), then the folder of the calibration file ``source``."""
+    roots = []
+    if calibration.get("image_root"):
+        roots.append(Path(str(calibration["image_root"])).expanduser())
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        roots.append(path.resolve().parent)
+    elif path.is_dir():
+        roots.append(path.resolve())
+    return roots
+
+
+def vision_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the vision tower's weights (what ``pixel_values`` must be cast to), if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", base)
+    tower = getattr(inner, "vision_tower", None) or getattr(base, "vision_tower", None)
+    if tower is None:
+        return None
+    for param in tower.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return None
+
+
+def _cfg_get(cfg: Any, key: str) -> Any:
+    if cfg is None:
+        return None
+    if isinstance(cfg, Mapping):
+        return cfg.get(key)
+    return getattr(cfg, key, None)
