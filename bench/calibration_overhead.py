@@ -1,0 +1,119 @@
+"""Calibration cost on the embedded SmolLM2: wall time ÷ a plain no-grad forward over the same batches, and peak
+memory against the number of samples (it must stay flat: only a [batch, hidden] slice per layer is kept).
+
+    python bench/calibration_overhead.py [--samples 64] [--rounds 3] [--memory-samples 16,64,256]
+
+Both timings run in one process, interleaved round by round, and the ratio of medians is printed (the machine
+is noisy; absolute times mean little). Memory is the peak RSS of a fresh process per sample count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _load(samples: int, max_length: int, batch_size: int):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sharelora_plugin.calibration import text_batches
+    from sharelora_plugin.embedded import data_dir, model_dir
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir(), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    rows = [
+        json.loads(line)["text"] for line in (data_dir() / "lee_background.jsonl").read_text().splitlines()
+    ]
+    texts = (rows * (samples // len(rows) + 1))[:samples]
+    return model, text_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length)
+
+
+def time_ratio(samples: int, rounds: int, max_length: int, batch_size: int) -> None:
+    import torch
+
+    from sharelora_plugin.calibration import calibrate
+
+    model, batches = _load(samples, max_length, batch_size)
+
+    @torch.no_grad()
+    def plain_forward() -> None:
+        for batch in batches:
+            model.model(**batch, use_cache=False)
+
+    plain_forward()  # warm-up
+    plain, calib = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        plain_forward()
+        plain.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        calibrate(model, batches, progress=False)
+        calib.append(time.perf_counter() - start)
+    print(f"samples={samples} max_length={max_length} batch_size={batch_size} rounds={rounds}")
+    print(f"plain no-grad forward (no LM head): median {statistics.median(plain):.2f} s  {plain}")
+    print(f"calibration (hooks + eq. 4):        median {statistics.median(calib):.2f} s  {calib}")
+    print(
+        f"RATIO calibration / plain forward = {statistics.median(calib) / statistics.median(plain):.3f} (goal <= 1.10)"
+    )
+
+
+def memory_child(samples: int, max_length: int, batch_size: int) -> None:
+    from sharelora_plugin.calibration import calibrate
+
+    model, batches = _load(samples, max_length, batch_size)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    calibrate(model, batches, progress=False)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {"samples": samples, "peak_rss_mb_before": before / 1024, "peak_rss_mb_after": after / 1024}
+        )
+    )
+
+
+def memory_table(counts: list[int], max_length: int, batch_size: int) -> None:
+    print("\npeak RSS of a fresh process (model load, then calibration):")
+    print(f"{'samples':>8} {'peak before (MB)':>17} {'peak after (MB)':>16} {'growth (MB)':>12}")
+    for n in counts:
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", str(n), "--max-length", str(max_length),
+             "--batch-size", str(batch_size)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        growth = row["peak_rss_mb_after"] - row["peak_rss_mb_before"]
+        print(f"{n:>8} {row['peak_rss_mb_before']:>17.0f} {row['peak_rss_mb_after']:>16.0f} {growth:>12.0f}")
+    print("flat growth across sample counts = memory is O(L·H) per sample, not O(tokens)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--memory-samples", default="16,64,256")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args.max_length, args.batch_size)
+        return
+    time_ratio(args.samples, args.rounds, args.max_length, args.batch_size)
+    if args.memory_samples:
+        memory_table([int(x) for x in args.memory_samples.split(",")], args.max_length, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()
