@@ -172,3 +172,21 @@ def test_plain_lora_with_a_sharelora_block_is_not_tied(smollm2_dir, data_dir, tm
     cfg = _validate(raw)
     assert not _enabled(cfg)
     assert _enabled(_validate(_base(smollm2_dir, data_dir, tmp_path)))
+
+
+def test_shipped_deepspeed_configs(smollm2_dir, data_dir, tmp_path):
+    """ZeRO-2 validates with calibration; the shipped ZeRO-3 JSON needs a plan file and works with one."""
+    from conftest import ROOT
+
+    from sharelora_plugin.planning import make_plan
+
+    zero2 = str(ROOT / "recipes" / "deepspeed" / "zero2.json")
+    zero3 = str(ROOT / "recipes" / "deepspeed" / "zero3.json")
+    base = _base(smollm2_dir, data_dir, tmp_path)
+    assert _validate(_merge(base, {"deepspeed": zero2})).sharelora["enabled"] is True
+    with pytest.raises(Exception, match="ZeRO-3"):
+        _validate(_merge(base, {"deepspeed": zero3}))
+    plan = tmp_path / "plan.json"
+    make_plan(num_layers=30, strategy="alternate").save(plan)
+    cfg = _validate(_merge(base, {"deepspeed": zero3, "sharelora": {"plan_file": str(plan)}}))
+    assert cfg.sharelora["plan_file"] == str(plan)
