@@ -33,6 +33,16 @@ demo: setup
 	accelerate launch -m axolotl.cli.train recipes/smollm2_sharelora.yml
 	$(PY) -m sharelora_plugin.cli show outputs/smollm2_sharelora/sharelora_plan.json
 
+# Tiny LLaVA (SmolLM2 + random CLIP tower + random projector): visual-text calibration, plan, tie, 8 steps, answers
+llava-demo: setup
+	$(PY) llava/build_tiny.py
+	rm -rf outputs/tiny_llava_sharelora
+	accelerate launch -m axolotl.cli.train recipes/tiny_llava_sharelora.yml
+	$(PY) -m sharelora_plugin.cli show outputs/tiny_llava_sharelora/sharelora_plan.json
+	$(PY) llava/answer.py --model-base .cache/tiny_llava/model --adapter outputs/tiny_llava_sharelora \
+		--question-file .cache/tiny_llava/bench/questions.jsonl --image-folder .cache/tiny_llava/bench/images \
+		--answers-file outputs/tiny_llava_sharelora/llava_bench_answers.jsonl --max-new-tokens 24 --batch-size 4
+
 test: setup
 	$(PY) -m pytest -q -ra
 

@@ -275,7 +275,9 @@ def init_cpu_process_group() -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
         state = PartialState(cpu=True)
         if state.num_processes < 2:
-            LOG.warning("WORLD_SIZE>1 but accelerate's process state is single-process; gradients will not sync")
+            LOG.warning(
+                "WORLD_SIZE>1 but accelerate's process state is single-process; gradients will not sync"
+            )
 
 
 def process_index() -> int:
