@@ -126,6 +126,24 @@ def _attention_projection_fallbacks(layers: nn.ModuleList):
             delattr(module, attr)
 
 
+@contextmanager
+def _eval_mode_keeping_4bit_trainable(model: nn.Module):
+    """Eval mode for the pass (no dropout), except bitsandbytes ``Linear4bit`` modules: on CPU, an eval-mode
+    forward repacks their weights into an inference-only layout after which LoRA layers built on top of them
+    receive no gradient. Keeping them in training mode skips the repacking; their output is the same."""
+    was_training = model.training
+    model.eval()
+    four_bit = [m for m in model.modules() if type(m).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")]
+    for module in four_bit:
+        module.training = True
+    try:
+        yield
+    finally:
+        for module in four_bit:
+            module.training = False
+        model.train(was_training)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for param in model.parameters():
         if param.device.type != "meta":
@@ -156,11 +174,9 @@ def calibrate(
     sum_cosine = torch.zeros(num_layers, num_layers, dtype=torch.float64)
     num_samples = 0
     num_tokens = 0
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
     try:
-        with _attention_projection_fallbacks(decoder.layers):
+        with _eval_mode_keeping_4bit_trainable(model), _attention_projection_fallbacks(decoder.layers):
             for batch in tqdm(
                 batches, total=total, desc="ShareLoRA calibration", unit="batch", disable=not progress
             ):
@@ -179,7 +195,6 @@ def calibrate(
                 num_tokens += int(mask.sum())
     finally:
         capture.remove()
-        model.train(was_training)
     if num_samples == 0:
         raise ValueError(
             "calibration received no samples; check sharelora.calibration (path, split, num_samples)"
