@@ -231,6 +231,12 @@ def incompatible_options(data: dict) -> list[str]:
                     f"peft_layers_to_transform={layers} excludes a layer of share set {share_set}; every layer of "
                     "a set must carry LoRA"
                 )
+    rl = str(data.get("rl") or "").lower().split(".")[-1]
+    if rl in ("dpo", "ipo", "kto"):
+        problems.append(
+            f"rl: {data.get('rl')} hands only a LoRA config to TRL, which builds the adapter after the plugin's "
+            "hooks, so the layers would not be tied; train ShareLoRA with supervised fine-tuning (no rl key)"
+        )
     stage = _deepspeed_stage(data.get("deepspeed"))
     if stage == 3 and not sl.get("plan_file"):
         problems.append(

@@ -32,6 +32,7 @@ BAD_INPUTS = [
     ({"peft_init_lora_weights": "pissa"}, "peft_init_lora_weights"),
     ({"peft_init_lora_weights": "olora"}, "peft_init_lora_weights"),
     ({"relora": True, "jagged_restart_steps": 10}, "relora"),
+    ({"rl": "dpo"}, "rl: dpo"),
     ({"peft_layer_replication": [[0, 4], [2, 6]]}, "peft_layer_replication"),
     ({"lora_target_parameters": ["mlp.experts.gate_up_proj"]}, "lora_target_parameters"),
     (
