@@ -2,6 +2,7 @@
 memory against the number of samples (it must stay flat: only a [batch, hidden] slice per layer is kept).
 
     python bench/calibration_overhead.py [--samples 64] [--rounds 3] [--memory-samples 16,64,256]
+    python bench/calibration_overhead.py --rounds 0 --max-length 128      # memory table only
 
 Both timings run in one process, interleaved round by round, and the ratio of medians is printed (the machine
 is noisy; absolute times mean little). Memory is the peak RSS of a fresh process per sample count.
@@ -70,9 +71,22 @@ def time_ratio(samples: int, rounds: int, max_length: int, batch_size: int) -> N
 
 
 def memory_child(samples: int, max_length: int, batch_size: int) -> None:
+    """Fixed-shape batches ([batch_size, max_length] of real tokens) so only the sample count varies."""
+    import torch
+
     from sharelora_plugin.calibration import calibrate
 
-    model, batches = _load(samples, max_length, batch_size)
+    model, text = _load(batch_size, max_length, batch_size)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        {
+            "input_ids": torch.randint(3, vocab, (batch_size, max_length), generator=gen),
+            "attention_mask": torch.ones(batch_size, max_length, dtype=torch.long),
+        }
+        for _ in range(samples // batch_size)
+    ]
+    del text
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     calibrate(model, batches, progress=False)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -84,7 +98,9 @@ def memory_child(samples: int, max_length: int, batch_size: int) -> None:
 
 
 def memory_table(counts: list[int], max_length: int, batch_size: int) -> None:
-    print("\npeak RSS of a fresh process (model load, then calibration):")
+    print(
+        f"\npeak RSS of a fresh process (model load, then calibration of [{batch_size} x {max_length}] batches):"
+    )
     print(f"{'samples':>8} {'peak before (MB)':>17} {'peak after (MB)':>16} {'growth (MB)':>12}")
     for n in counts:
         out = subprocess.run(
@@ -110,7 +126,8 @@ def main() -> None:
     if args.memory_child:
         memory_child(args.memory_child, args.max_length, args.batch_size)
         return
-    time_ratio(args.samples, args.rounds, args.max_length, args.batch_size)
+    if args.rounds > 0:
+        time_ratio(args.samples, args.rounds, args.max_length, args.batch_size)
     if args.memory_samples:
         memory_table([int(x) for x in args.memory_samples.split(",")], args.max_length, args.batch_size)
 

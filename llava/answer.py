@@ -29,13 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared JSONL module beside this script
+from resumable_jsonl import JsonlAppender, recover_jsonl  # noqa: E402
 
 LOG = logging.getLogger("llava.answer")
 
@@ -87,66 +88,12 @@ def _valid_answer(record: Any) -> bool:
 
 
 def recover_answers(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Answers already in ``path`` by ``str(question_id)``. A last line without its newline (a write cut
-    short), lines that are not answer JSON and second answers to a question are removed — the file is rewritten
-    atomically — so that those questions are answered again."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    chunks = path.read_bytes().split(b"\n")
-    tail = chunks.pop()
-    changed = bool(tail)
-    if tail:
-        LOG.warning("%s: last line is incomplete (%d bytes); answering that question again", path, len(tail))
-    kept: dict[str, dict[str, Any]] = {}
-    lines: list[bytes] = []
-    for number, chunk in enumerate(chunks, start=1):
-        if not chunk.strip():
-            changed = changed or bool(chunk)
-            continue
-        try:
-            record = json.loads(chunk)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            record = None
-        if not _valid_answer(record):
-            LOG.warning("%s:%d: not a valid answer line; dropping it", path, number)
-            changed = True
-            continue
-        key = str(record["question_id"])
-        if key in kept:
-            LOG.warning("%s:%d: second answer to question %s; dropping it", path, number, key)
-            changed = True
-            continue
-        kept[key] = record
-        lines.append(chunk + b"\n")
-    if changed:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-        with os.fdopen(fd, "wb") as fh:
-            fh.writelines(lines)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    return kept
+    """Answers already in ``path`` by ``str(question_id)``. A cut-off last line, lines that are not answer JSON
+    and second answers to a question are removed (the file is rewritten atomically) and answered again."""
+    return recover_jsonl(path, is_valid=_valid_answer, key_of=lambda r: str(r["question_id"]), what="answer")
 
 
-class AnswerWriter:
-    """Appends answer lines, one write + fsync each, so a crash loses at most the line being written."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append ``record`` as one JSON line and make it durable."""
-        view = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-        while view:
-            view = view[os.write(self._fd, view) :]
-        os.fsync(self._fd)
-
-    def close(self) -> None:
-        """Close the file."""
-        os.close(self._fd)
+AnswerWriter = JsonlAppender
 
 
 def _dtype(name: str):

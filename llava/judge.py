@@ -39,7 +39,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -53,6 +52,9 @@ from typing import Any
 import openai
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared JSONL module beside this script
+from resumable_jsonl import JsonlAppender, recover_jsonl  # noqa: E402
 
 LOG = logging.getLogger("llava.judge")
 
@@ -566,98 +568,19 @@ def _valid_review(record: Any) -> bool:
     )
 
 
-def _rewrite(path: Path, lines: list[bytes]) -> None:
-    # Write beside, fsync, then rename over: a crash during the repair leaves the old or the new file, never half.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.writelines(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def recover_reviews(path: str | Path) -> dict[tuple[int, str], dict[str, Any]]:
-    """Read the reviews already in ``path``, repairing the file first if needed.
-
-    A last line without its newline (a write cut short), lines that are not valid review JSON, and second copies
-    of a (repeat, question_id) are dropped, and the file is rewritten with the valid complete lines only; the
-    dropped reviews are judged again. Returns the kept reviews by :func:`review_key`.
-    """
-    path = Path(path)
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    chunks = data.split(b"\n")
-    tail = chunks.pop()  # b"" when the file ends with a newline
-    changed = False
-    if tail:
-        LOG.warning(
-            "%s: last line is incomplete (%d bytes, no newline); dropping it to redo", path, len(tail)
-        )
-        changed = True
-    kept: dict[tuple[int, str], dict[str, Any]] = {}
-    lines: list[bytes] = []
-    for number, chunk in enumerate(chunks, start=1):
-        if not chunk.strip():
-            changed = changed or bool(chunk)
-            continue
-        try:
-            record = json.loads(chunk)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            record = None
-        if not _valid_review(record):
-            LOG.warning("%s:%d: not a valid review line; dropping it to redo", path, number)
-            changed = True
-            continue
-        key = review_key(record["repeat"], record["question_id"])
-        if key in kept:
-            LOG.warning("%s:%d: second review for repeat %d question %s; dropping it", path, number, *key)
-            changed = True
-            continue
-        kept[key] = record
-        lines.append(chunk + b"\n")
-    if changed:
-        _rewrite(path, lines)
-        LOG.info("%s: repaired, %d valid review(s) kept", path, len(lines))
-    return kept
+    """Read the reviews already in ``path``, repairing the file first if needed: a cut-off last line, invalid
+    lines and second copies of a (repeat, question_id) are dropped and judged again. Returns the kept reviews by
+    :func:`review_key`."""
+    return recover_jsonl(
+        path,
+        is_valid=_valid_review,
+        key_of=lambda r: review_key(r["repeat"], r["question_id"]),
+        what="review",
+    )
 
 
-class ReviewWriter:
-    """Appends review lines to a JSONL file, one locked write + fsync per line, safe across threads."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._lock = threading.Lock()
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        """Append ``record`` as one JSON line and make it durable before returning."""
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        with self._lock:
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            os.fsync(self._fd)
-
-    def close(self) -> None:
-        """Close the file."""
-        os.close(self._fd)
-
-    def __enter__(self) -> ReviewWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+ReviewWriter = JsonlAppender
 
 
 # --------------------------------------------------------------------------------------------------------------
