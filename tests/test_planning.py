@@ -674,7 +674,12 @@ def test_optimal_never_worse_than_greedy_on_the_real_smollm2_matrix():
     """The matrix the SmolLM2 demo calibrated (256 Lee texts), committed as a fixture."""
     from pathlib import Path
 
-    from sharelora_plugin.planning import distinct_modules, greedy_share_sets, load_similarity, optimal_share_sets
+    from sharelora_plugin.planning import (
+        distinct_modules,
+        greedy_share_sets,
+        load_similarity,
+        optimal_share_sets,
+    )
 
     sim, _ = load_similarity(Path(__file__).parent / "fixtures" / "smollm2_similarity.csv")
     assert sim.shape == (30, 30)
