@@ -62,3 +62,34 @@ def tiny_llama(num_layers: int = 6, seed: int = 0, hidden: int = 32, **overrides
     model = LlamaForCausalLM(config)
     model.eval()
     return model
+
+
+_PATCHABLE = ("forward", "_original_forward")
+
+
+def _model_classes():
+    for name, module in list(sys.modules.items()):
+        if name.startswith("transformers.models.") and module is not None:
+            for value in list(vars(module).values()):
+                if isinstance(value, type) and value.__module__ == name:
+                    yield value
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _undo_axolotl_class_patches():
+    """In-process Axolotl training rewrites transformers classes (its LoRA kernels replace
+    ``LlamaAttention.forward`` with one that needs per-instance ``apply_qkv``). Restore the classes after each
+    test module so later modules see stock transformers, as a fresh process would."""
+    import transformers.models.llama.modeling_llama  # noqa: F401  (the class Axolotl patches most)
+
+    saved = {cls: {k: cls.__dict__[k] for k in _PATCHABLE if k in cls.__dict__} for cls in _model_classes()}
+    yield
+    for cls in _model_classes():
+        before = saved.get(cls)
+        if before is None:
+            continue
+        for key in _PATCHABLE:
+            if key in before:
+                setattr(cls, key, before[key])
+            elif key in cls.__dict__:
+                delattr(cls, key)
