@@ -55,5 +55,10 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
+# Small-scale ShareLoRA reproduction on the embedded SmolLM2 (~1 h on 2 free CPU cores); results land in
+# bench/results/reproduce_small.{json,md,png}. `make reproduce REPRODUCE_ARGS=--quick` checks the pipeline in ~5 min.
+reproduce: setup
+	$(PY) bench/reproduce_small.py $(REPRODUCE_ARGS)
+
 clean:
 	rm -rf outputs last_run_prepared .pytest_cache
