@@ -93,3 +93,23 @@ def _undo_axolotl_class_patches():
                 setattr(cls, key, before[key])
             elif key in cls.__dict__:
                 delattr(cls, key)
+
+
+def load_script(path: Path, name: str):
+    """Import a script by path (llava/ holds scripts, deliberately not a package); cached in sys.modules."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(smollm2_dir) -> Path:
+    """The tiny LLaVA folder (built once into .cache/tiny_llava; reused while its version stamp matches)."""
+    build_tiny = load_script(ROOT / "llava" / "build_tiny.py", "llava_build_tiny_under_test")
+    return build_tiny.build()

@@ -3,45 +3,22 @@ merged = unmerged."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
-
-from sharelora_plugin.embedded import model_dir
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
 MAX_NEW_TOKENS = "6"
 
 
-def load_script(path: Path, name: str) -> ModuleType:
-    """Import a script by path (llava/ is deliberately not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 answer = load_script(ROOT / "llava" / "answer.py", "llava_answer_under_test")
 build_tiny = load_script(ROOT / "llava" / "build_tiny.py", "llava_build_tiny_under_test")
 judge = load_script(ROOT / "llava" / "judge.py", "llava_judge_under_test")
-
-
-@pytest.fixture(scope="session")
-def tiny_llava() -> Path:
-    """The tiny LLaVA folder (built once into .cache/tiny_llava; reused while its version stamp matches)."""
-    if not (model_dir() / "config.json").is_file():
-        pytest.skip("SmolLM2 is not prepared; run `make setup`")
-    return build_tiny.build()
 
 
 @pytest.fixture(scope="module")

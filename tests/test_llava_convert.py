@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "llava" / "convert_instruct.py"
 SAMPLE = ROOT / "tests" / "fixtures" / "llava" / "llava_instruct_sample.json"
 MISSING_IMAGE_ID = "000000319154"
 VALID_IDS = ["000000033471", "000000052846", "000000334872"]
-
-
-def load_script(path: Path, name: str) -> ModuleType:
-    """Import a script by path (llava/ is deliberately not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 convert = load_script(SCRIPT, "llava_convert_instruct_under_test")

@@ -4,18 +4,16 @@ reloads with plain PEFT to the same logits."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 import yaml
+from conftest import load_script
 
-from sharelora_plugin.embedded import model_dir
 from sharelora_plugin.planning import SharePlan
 from sharelora_plugin.tying import tie_lora_modules, verify_ties
 
@@ -26,26 +24,7 @@ PROJECTOR = "multi_modal_projector"
 pytestmark = pytest.mark.e2e
 
 
-def load_script(path: Path, name: str) -> ModuleType:
-    """Import a script by path (llava/ is deliberately not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 build_tiny = load_script(ROOT / "llava" / "build_tiny.py", "llava_build_tiny_under_test")
-
-
-@pytest.fixture(scope="session")
-def tiny_llava() -> Path:
-    """The tiny LLaVA folder (built once into .cache/tiny_llava; reused while its version stamp matches)."""
-    if not (model_dir() / "config.json").is_file():
-        pytest.skip("SmolLM2 is not prepared; run `make setup`")
-    return build_tiny.build()
 
 
 @pytest.fixture(scope="module")

@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "judge"
 REVIEWS = FIXTURES / "reviews_two_repeats.jsonl"
 SUMMARIZE_SCRIPT = ROOT / "llava" / "summarize.py"
-
-
-def load_script(path: Path, name: str) -> ModuleType:
-    """Import a script by path (llava/ is deliberately not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 summarize = load_script(SUMMARIZE_SCRIPT, "llava_summarize_under_test")
