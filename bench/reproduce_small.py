@@ -39,11 +39,11 @@ Data — all offline, and said exactly:
   (answer1-4: two-number addition/subtraction), ``rule_hellaswag`` (ending1-4: next number of an arithmetic
   sequence), ``rule_winogrande`` (option1/2: who fits the blank after a comparison). Train and test are disjoint
   by construction: held-out words, goals, number pairs, sequences and names never appear in training.
-* Test: accuracy on the rule tasks' test split (32 rows per task, labels exactly balanced so a constant answer
+* Test: accuracy on the rule tasks' test split (24 rows per task, labels exactly balanced so a constant answer
   scores chance) with :mod:`sharelora_plugin.commonsense` (the LLM-Adapters protocol, greedy decoding, 8 new
   tokens); held-out answer loss (mean NLL per response token on the test split); held-out perplexity on the 50
   Lee test articles (``lee_test.jsonl``, first 256 tokens each, never trained on).
-* Budget (``FULL``): 80 steps × micro-batch 4 × ≤128 tokens, lr 1e-3 (linear, 8 warmup steps), seeds 0 and 1:
+* Budget (``FULL``): 64 steps × micro-batch 4 × ≤128 tokens, lr 1e-3 (linear, 6 warmup steps), seeds 0 and 1:
   12 training runs. At this size the model learns the answer format but not the task content (see the caveats
   in the results), so Lee perplexity and the answer loss carry most of the comparison.
 
@@ -131,7 +131,7 @@ class Budget:
 
 
 FULL = Budget(
-    steps=80, seeds=(0, 1), train_per_task=300, test_per_task=32, calibration_samples=64, lee_test_texts=50
+    steps=64, seeds=(0, 1), train_per_task=300, test_per_task=24, calibration_samples=64, lee_test_texts=50
 )
 QUICK = Budget(
     steps=2, seeds=(0,), train_per_task=40, test_per_task=4, calibration_samples=8, lee_test_texts=2

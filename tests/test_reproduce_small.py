@@ -6,18 +6,14 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+from sharelora_plugin.commonsense import ANSWER_FORMATS, extract_answer, infer_answer_format
+from tests.conftest import ROOT, load_script
 
-import reproduce_small as rs  # noqa: E402
-
-from sharelora_plugin.commonsense import ANSWER_FORMATS, extract_answer, infer_answer_format  # noqa: E402
+rs = load_script(ROOT / "bench" / "reproduce_small.py", "reproduce_small_under_test")
 
 LLM_ADAPTERS_OPENINGS = {  # how LLM-Adapters' commonsense instructions begin, per answer format
     "true_false": "Please answer the following question with true or false, question: ",
