@@ -39,6 +39,19 @@ def write_config(path: Path, smollm2_dir: Path, data_dir: Path, output_dir: Path
     return path
 
 
+def train_subprocess(config: Path) -> str:
+    """`python -m axolotl.cli.train CONFIG` in a fresh process; returns its combined output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "axolotl.cli.train", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
+
+
 def train_in_process(config: Path):
     from axolotl.cli.args import TrainerCliArgs
     from axolotl.cli.config import load_cfg
@@ -171,14 +184,7 @@ def test_cli_train_subprocess_runs_the_recipe_shape(tmp_path, smollm2_dir, data_
     config = write_config(
         tmp_path / "cfg.yml", smollm2_dir, data_dir, tmp_path / "out", max_steps=1, save_steps=1
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "axolotl.cli.train", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ShareLoRA plan" in proc.stdout + proc.stderr
+    log = train_subprocess(config)
+    assert "ShareLoRA plan" in log
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "out" / "sharelora_plan.json").is_file()

@@ -5,28 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
-from test_e2e_smollm2 import write_config
+from test_e2e_smollm2 import train_subprocess, write_config
 
 pytestmark = pytest.mark.e2e
-
-
-def _train(config: Path) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "axolotl.cli.train", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=900,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc.stdout + proc.stderr
 
 
 def _losses(checkpoint: Path) -> dict[int, float]:
@@ -37,7 +22,9 @@ def _losses(checkpoint: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, smollm2_dir, data_dir) -> Path:
     work = tmp_path_factory.mktemp("full")
-    _train(write_config(work / "full.yml", smollm2_dir, data_dir, work / "full", max_steps=4, save_steps=2))
+    train_subprocess(
+        write_config(work / "full.yml", smollm2_dir, data_dir, work / "full", max_steps=4, save_steps=2)
+    )
     return work / "full"
 
 
@@ -65,7 +52,7 @@ def test_resume_reties_from_checkpoint_plan_and_matches_uninterrupted_losses(
     cfg["sharelora"]["calibration"]["path"] = str(unreadable)
     resume.write_text(yaml.safe_dump(cfg))
 
-    log = _train(resume)
+    log = train_subprocess(resume)
     assert "ShareLoRA: calibrating" not in log
     plan = json.loads((resumed_dir / "sharelora_plan.json").read_text())
     assert plan["metadata"]["plan_source"].endswith("checkpoint-2/sharelora_plan.json")
