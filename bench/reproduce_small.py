@@ -1,10 +1,11 @@
 """Small-scale reproduction of the ShareLoRA claim on the embedded SmolLM2-135M-Instruct, CPU only.
 
-    python bench/reproduce_small.py            # full run (`make reproduce`), about 50-60 min on 2 free CPU cores
+    python bench/reproduce_small.py            # full run (`make reproduce`), about 50-55 min on 2 free CPU cores
     python bench/reproduce_small.py --quick    # the same pipeline on a couple of steps, about 4-5 min
     python bench/reproduce_small.py --threads 1   # on a machine shared with other work (2 contending threads
                                                   # run several times slower than 1)
     python bench/reproduce_small.py --seeds 0 --steps 40   # a shorter measurement
+    python bench/reproduce_small.py --render   # rebuild the .md/.png from bench/results/reproduce_small.json
 
 A finished run is reused when its generated YAML and share plan are unchanged (``--fresh`` retrains), so an
 interrupted full run resumes where it stopped.
@@ -43,7 +44,7 @@ Data — all offline, and said exactly:
   scores chance) with :mod:`sharelora_plugin.commonsense` (the LLM-Adapters protocol, greedy decoding, 8 new
   tokens); held-out answer loss (mean NLL per response token on the test split); held-out perplexity on the 50
   Lee test articles (``lee_test.jsonl``, first 256 tokens each, never trained on).
-* Budget (``FULL``): 64 steps × micro-batch 4 × ≤128 tokens, lr 1e-3 (linear, 6 warmup steps), seeds 0 and 1:
+* Budget (``FULL``): 48 steps × micro-batch 4 × ≤128 tokens, lr 1e-3 (linear, 4 warmup steps), seeds 0 and 1:
   12 training runs. At this size the model learns the answer format but not the task content (see the caveats
   in the results), so Lee perplexity and the answer loss carry most of the comparison.
 
@@ -131,7 +132,7 @@ class Budget:
 
 
 FULL = Budget(
-    steps=64, seeds=(0, 1), train_per_task=300, test_per_task=24, calibration_samples=64, lee_test_texts=50
+    steps=48, seeds=(0, 1), train_per_task=300, test_per_task=24, calibration_samples=64, lee_test_texts=50
 )
 QUICK = Budget(
     steps=2, seeds=(0,), train_per_task=40, test_per_task=4, calibration_samples=8, lee_test_texts=2
@@ -920,13 +921,14 @@ def write_markdown(report: dict, path: Path) -> None:
 
 
 def write_plot(report: dict, path: Path) -> None:
-    """Accuracy and Lee perplexity against trainable parameters (error bars: sample std over seeds)."""
+    """Accuracy, held-out answer loss and Lee perplexity against trainable parameters (error bars: sample std over
+    seeds). Methods with the same parameter count are drawn side by side, a little apart, so none hides another."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(11, 4.5), dpi=110)
+    figure = Figure(figsize=(15, 5.4), dpi=110)
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, 2)
+    axes = figure.subplots(1, 3)
     colors = {
         "lora": "#1f77b4",
         "sharelora": "#d62728",
@@ -935,26 +937,35 @@ def write_plot(report: dict, path: Path) -> None:
         "sharelora_random": "#2ca02c",
         "naive_share": "#7f7f7f",
     }
-    markers = {  # distinct shapes and sizes so methods at the same point stay visible
-        "lora": ("o", 11),
-        "sharelora": ("s", 7),
-        "sharelora_rx": ("D", 6),
-        "sharelora_optimal": ("^", 8),
-        "sharelora_random": ("v", 11),
-        "naive_share": ("X", 8),
+    markers = {
+        "lora": "o",
+        "sharelora": "s",
+        "sharelora_rx": "D",
+        "sharelora_optimal": "^",
+        "sharelora_random": "v",
+        "naive_share": "X",
     }
-    for row in report["summary"]:
-        x = row["trainable_params"] / 1e6
+    summary = report["summary"]
+    span = max(r["trainable_params"] for r in summary) - min(r["trainable_params"] for r in summary)
+    dodge = max(span, max(r["trainable_params"] for r in summary)) / 1e6 * 0.015
+    seen: dict[int, int] = {}
+    panels = (
+        (axes[0], "average_accuracy", 100.0, "rule-task accuracy (%)"),
+        (axes[1], "heldout_answer_loss", 1.0, "held-out answer loss (lower is better)"),
+        (axes[2], "lee_ppl", 1.0, "Lee test perplexity (lower is better)"),
+    )
+    for row in summary:
+        index = seen.get(row["trainable_params"], 0)
+        seen[row["trainable_params"]] = index + 1
+        x = row["trainable_params"] / 1e6 + dodge * index
         color = colors.get(row["method"], "black")
-        marker, size = markers.get(row["method"], ("o", 7))
-        for ax, key, scale in ((axes[0], "average_accuracy", 100.0), (axes[1], "lee_ppl", 1.0)):
+        for ax, key, scale, _ in panels:
             ax.errorbar(
                 x,
                 row[key]["mean"] * scale,
                 yerr=row[key]["std"] * scale,
-                fmt=marker,
-                markersize=size,
-                markerfacecolor="none" if size > 10 else color,
+                fmt=markers.get(row["method"], "o"),
+                markersize=7,
                 color=color,
                 capsize=4,
                 label=row["label"],
@@ -965,25 +976,43 @@ def write_plot(report: dict, path: Path) -> None:
             100 * chance, color="black", linestyle="--", linewidth=1, label="constant answer (chance)"
         )
     base = report.get("base_model") or {}
-    if "lee_ppl" in base:
-        axes[1].axhline(
-            base["lee_ppl"], color="black", linestyle=":", linewidth=1, label="base model, no training"
-        )
-        axes[1].legend(fontsize=7, loc="best")
-    axes[0].set_ylabel("rule-task accuracy (%)")
-    axes[1].set_ylabel("Lee test perplexity (lower is better)")
-    for ax in axes:
+    notes = {
+        "heldout_answer_loss": f"base model, no training: {base['heldout_answer_loss']:.3f}"
+        if "heldout_answer_loss" in base
+        else None,
+        "lee_ppl": f"base model, no training: {base['lee_ppl']:.2f}" if "lee_ppl" in base else None,
+    }
+    for ax, key, _, ylabel in panels:
+        ax.set_ylabel(ylabel)
         ax.set_xlabel("trainable LoRA parameters (M)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
+        if notes.get(key):  # the base model is far off these scales; a line would flatten the differences
+            ax.set_title(notes[key], fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     tag = "QUICK RUN (pipeline check)" if report["quick"] else f"{len(report['settings']['seeds'])} seeds"
-    figure.suptitle(f"ShareLoRA vs LoRA on SmolLM2-135M — {tag}")
-    figure.tight_layout()
+    figure.suptitle(f"ShareLoRA vs LoRA on SmolLM2-135M — {tag}; error bars: std over seeds")
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     figure.savefig(path)
 
 
 # ====================================================================================================================
 # Driver
+
+
+def render(stem: Path) -> int:
+    """Rebuild the Markdown and the plot of a finished run from its JSON report."""
+    source = stem.with_suffix(".json")
+    if not source.is_file():
+        print(f"--render: no report at {source}; run the script without --render first", file=sys.stderr)
+        return 2
+    report = json.loads(source.read_text(encoding="utf-8"))
+    report["findings"] = findings(report["summary"], report["quick"], report["settings"]["chance_accuracy"])
+    source.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_markdown(report, stem.with_suffix(".md"))
+    write_plot(report, stem.with_suffix(".png"))
+    print(f"rendered {stem}.md/.png from {source}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1009,7 +1038,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="retrain every run (default: reuse a run whose YAML is unchanged)",
     )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only rebuild reproduce_small.md/.png (and the findings) from the reproduce_small.json already in "
+        "--results-dir; trains and evaluates nothing",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        return render(Path(args.results_dir) / "reproduce_small")
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     if args.threads:

@@ -262,6 +262,28 @@ def test_summary_and_report_files(tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_committed_results_are_a_full_run_and_render_again(tmp_path, capsys):
+    """bench/results holds a full run (every method, both seeds) and --render rebuilds its md/png unchanged."""
+    committed = rs.REPO / "bench" / "results" / "reproduce_small.json"
+    report = json.loads(committed.read_text())
+    assert report["quick"] is False and report["settings"]["steps"] == rs.FULL.steps
+    assert report["settings"]["seeds"] == list(rs.FULL.seeds)
+    assert sorted((r["method"], r["seed"]) for r in report["runs"]) == sorted(
+        (m, s) for m in rs.METHODS for s in rs.FULL.seeds
+    )
+    by = {row["method"]: row for row in report["summary"]}
+    assert by["lora"]["trainable_params"] == 1_658_880 and by["naive_share"]["fraction_of_lora"] == 0.5
+    assert all(r["ties_verified"] for r in report["runs"] if r["method"] != "lora")
+
+    (tmp_path / "reproduce_small.json").write_text(committed.read_text())
+    assert rs.main(["--render", "--results-dir", str(tmp_path)]) == 0
+    rendered = (tmp_path / "reproduce_small.md").read_text()
+    assert rendered == (committed.with_suffix(".md")).read_text()
+    assert (tmp_path / "reproduce_small.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rs.main(["--render", "--results-dir", str(tmp_path / "empty")]) == 2
+    assert "run the script without --render first" in capsys.readouterr().err
+
+
 @pytest.mark.e2e
 def test_quick_pipeline_end_to_end(tmp_path):
     """`--quick` on two methods: calibrate once, plan, train through axolotl.cli.train, evaluate, report."""
