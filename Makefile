@@ -56,7 +56,7 @@ format: setup
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
 # Small-scale ShareLoRA reproduction on the embedded SmolLM2 (~1 h on 2 free CPU cores); results land in
-# bench/results/reproduce_small.{json,md,png}. `make reproduce REPRODUCE_ARGS=--quick` checks the pipeline in ~5 min.
+# bench/results/reproduce_small.{json,md,png}. `make reproduce REPRODUCE_ARGS=--quick` checks the pipeline in ~4 min.
 reproduce: setup
 	$(PY) bench/reproduce_small.py $(REPRODUCE_ARGS)
 

@@ -1,7 +1,7 @@
 """Small-scale reproduction of the ShareLoRA claim on the embedded SmolLM2-135M-Instruct, CPU only.
 
     python bench/reproduce_small.py            # full run (`make reproduce`), about 50-55 min on 2 free CPU cores
-    python bench/reproduce_small.py --quick    # the same pipeline on a couple of steps, about 4-5 min
+    python bench/reproduce_small.py --quick    # the same pipeline on a couple of steps, about 4 min
     python bench/reproduce_small.py --threads 1   # on a machine shared with other work (2 contending threads
                                                   # run several times slower than 1)
     python bench/reproduce_small.py --seeds 0 --steps 40   # a shorter measurement
@@ -135,7 +135,7 @@ FULL = Budget(
     steps=48, seeds=(0, 1), train_per_task=300, test_per_task=24, calibration_samples=64, lee_test_texts=50
 )
 QUICK = Budget(
-    steps=2, seeds=(0,), train_per_task=40, test_per_task=4, calibration_samples=8, lee_test_texts=2
+    steps=2, seeds=(0,), train_per_task=40, test_per_task=2, calibration_samples=8, lee_test_texts=2
 )
 
 
@@ -1020,7 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--quick", action="store_true", help="a couple of steps, 1 seed, tiny test split (~5 min)"
+        "--quick", action="store_true", help="a couple of steps, 1 seed, tiny test split (~4 min)"
     )
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
