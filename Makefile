@@ -55,8 +55,9 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
-# Small-scale ShareLoRA reproduction on the embedded SmolLM2 (~1 h on 2 free CPU cores); results land in
-# bench/results/reproduce_small.{json,md,png}. `make reproduce REPRODUCE_ARGS=--quick` checks the pipeline in ~4 min.
+# Small-scale ShareLoRA reproduction on the embedded SmolLM2 (~50 min on 2 free CPU cores); results land in
+# bench/results/reproduce_small.{json,md,png}. `make reproduce REPRODUCE_ARGS=--quick` checks the pipeline in ~4 min
+# (its report goes to outputs/reproduce_small/quick/).
 reproduce: setup
 	$(PY) bench/reproduce_small.py $(REPRODUCE_ARGS)
 

@@ -48,8 +48,8 @@ Data — all offline, and said exactly:
   12 training runs. At this size the model learns the answer format but not the task content (see the caveats
   in the results), so Lee perplexity and the answer loss carry most of the comparison.
 
-Outputs: ``bench/results/reproduce_small.{json,md,png}`` (``--results-dir`` to change), run folders under
-``--workdir`` (default ``outputs/reproduce_small``).
+Outputs: ``bench/results/reproduce_small.{json,md,png}`` (``--quick``: ``<workdir>/quick/``; ``--results-dir`` to
+change), run folders under ``--workdir`` (default ``outputs/reproduce_small``).
 """
 
 from __future__ import annotations
@@ -1026,7 +1026,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
     parser.add_argument("--steps", type=int, help="override the training steps")
     parser.add_argument("--workdir", default=str(REPO / "outputs" / "reproduce_small"))
-    parser.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
+    parser.add_argument(
+        "--results-dir",
+        help="where reproduce_small.{json,md,png} go (default: bench/results; with --quick <workdir>/quick, so a "
+        "pipeline check never overwrites the committed full-run results)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -1046,7 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.render:
-        return render(Path(args.results_dir) / "reproduce_small")
+        return render(Path(args.results_dir or REPO / "bench" / "results") / "reproduce_small")
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     if args.threads:
@@ -1065,7 +1069,10 @@ def main(argv: list[str] | None = None) -> int:
     if "lora" not in methods:
         parser.error("--methods must include lora (the baseline every fraction is measured against)")
     workdir = Path(args.workdir)
-    results_dir = Path(args.results_dir)
+    if args.results_dir:
+        results_dir = Path(args.results_dir)
+    else:
+        results_dir = workdir / "quick" if args.quick else REPO / "bench" / "results"
     workdir.mkdir(parents=True, exist_ok=True)
     results_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -287,9 +287,11 @@ def test_committed_results_are_a_full_run_and_render_again(tmp_path, capsys):
 @pytest.mark.e2e
 def test_quick_pipeline_end_to_end(tmp_path):
     """`--quick` on two methods: calibrate once, plan, train through axolotl.cli.train, evaluate, report."""
-    out = tmp_path / "results"
-    argv = ["--quick", "--methods", "lora", "sharelora", "--threads", "1"]
-    assert rs.main(argv + ["--workdir", str(tmp_path / "work"), "--results-dir", str(out)]) == 0
+    out = tmp_path / "work" / "quick"  # --quick never writes to bench/results unless told to
+    argv = ["--quick", "--methods", "lora", "sharelora", "--threads", "1", "--workdir", str(tmp_path / "work")]
+    committed = (rs.REPO / "bench" / "results" / "reproduce_small.json").read_bytes()
+    assert rs.main(argv) == 0
+    assert (rs.REPO / "bench" / "results" / "reproduce_small.json").read_bytes() == committed
     report = json.loads((out / "reproduce_small.json").read_text())
     assert report["quick"] is True and report["settings"]["steps"] == rs.QUICK.steps
     by = {r["method"]: r for r in report["runs"]}
@@ -303,4 +305,4 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert plan["share_sets"] == report["plans"]["sharelora"]["0"]["share_sets"]  # loaded, not recalibrated
     assert "QUICK RUN" in (out / "reproduce_small.md").read_text() and (out / "reproduce_small.png").is_file()
     # a second call reuses the finished runs instead of retraining
-    assert rs.main(argv + ["--workdir", str(tmp_path / "work"), "--results-dir", str(out)]) == 0
+    assert rs.main(argv) == 0
