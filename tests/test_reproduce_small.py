@@ -288,7 +288,16 @@ def test_committed_results_are_a_full_run_and_render_again(tmp_path, capsys):
 def test_quick_pipeline_end_to_end(tmp_path):
     """`--quick` on two methods: calibrate once, plan, train through axolotl.cli.train, evaluate, report."""
     out = tmp_path / "work" / "quick"  # --quick never writes to bench/results unless told to
-    argv = ["--quick", "--methods", "lora", "sharelora", "--threads", "1", "--workdir", str(tmp_path / "work")]
+    argv = [
+        "--quick",
+        "--methods",
+        "lora",
+        "sharelora",
+        "--threads",
+        "1",
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
     committed = (rs.REPO / "bench" / "results" / "reproduce_small.json").read_bytes()
     assert rs.main(argv) == 0
     assert (rs.REPO / "bench" / "results" / "reproduce_small.json").read_bytes() == committed
