@@ -24,13 +24,14 @@ Run ``python llava/build_tiny.py [--out DIR] [--force]`` (needs ``make setup`` f
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the converter script beside this one
+import convert_instruct  # noqa: E402
 
 LOG = logging.getLogger("llava.build_tiny")
 
@@ -57,19 +58,6 @@ CHAT_TEMPLATE = (
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = {"white": (250, 250, 250), "grey": (128, 128, 128)}
-
-
-def _sibling(name: str) -> ModuleType:
-    """Import another script of this folder by path (``llava/`` is deliberately not a package)."""
-    path = Path(__file__).resolve().parent / f"{name}.py"
-    module_name = f"_llava_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def default_out() -> Path:
@@ -250,16 +238,15 @@ def build(out: Path | None = None, *, force: bool = False, num_rows: int = 24) -
         return out
     start = time.perf_counter()
     facts = build_model(out / "model")
-    convert = _sibling("convert_instruct")
     data = out / "data"
     records = training_records(data / "images", num_rows)
     upstream = data / "llava_instruct_tiny.json"
     upstream.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
-    report = convert.convert_file(upstream, data / "train.jsonl", image_root=data)
+    report = convert_instruct.convert_file(upstream, data / "train.jsonl", image_root=data)
     if report.skipped:
         raise RuntimeError(f"converting the generated rows skipped some: {report.skipped}")
     bench = out / "bench"
-    convert.write_jsonl(bench / "questions.jsonl", bench_questions(bench / "images"))
+    convert_instruct.write_jsonl(bench / "questions.jsonl", bench_questions(bench / "images"))
     facts["seconds"] = round(time.perf_counter() - start, 1)
     (out / "facts.json").write_text(json.dumps(facts, indent=1) + "\n")
     marker.write_text(stamp)
