@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-STRATEGIES = ("greedy", "optimal", "manual", "random", "alternate")
-METRICS = ("angular", "cosine")
+from sharelora_plugin.planning import rules
+from sharelora_plugin.planning.rules import METRICS, STRATEGIES
+
 # PEFT initialisations that rewrite the base weights with each layer's own A/B (W ← W − B·A): a shared A/B
 # cannot be subtracted from several different base weights, so they contradict sharing.
 WEIGHT_REWRITING_INITS = ("pissa", "olora", "loftq", "eva", "corda")
@@ -47,7 +48,26 @@ class CalibrationConfig(BaseModel):
     num_samples: int = Field(default=256, description="Number of samples (paper: 256; LLaVA: 128).")
     max_length: int = Field(default=512, description="Tokens per sample after truncation.")
     batch_size: int = Field(default=8, description="Samples per forward pass.")
-    seed: int = Field(default=42, description="Seed for choosing the samples.")
+    seed: int = Field(
+        default=rules.DEFAULT_SEED, description="Seed for choosing the samples and the bootstrap."
+    )
+    bootstrap_resamples: int = Field(
+        default=rules.DEFAULT_RESAMPLES,
+        description="Bootstrap resamples of the samples for the plan's stability report (0: no report).",
+    )
+    stop_when_stable: bool = Field(
+        default=False,
+        description="Calibrate batch by batch and stop once the plan's bootstrap frequency reaches `stability`; "
+        "num_samples becomes the cap.",
+    )
+    min_samples: int = Field(
+        default=rules.DEFAULT_MIN_SAMPLES,
+        description="stop_when_stable: never stop before this many samples.",
+    )
+    stability: float = Field(
+        default=rules.DEFAULT_STABILITY_TARGET,
+        description="stop_when_stable: the plan frequency (fraction of resamples giving the same sets) to reach.",
+    )
 
     @field_validator("num_samples", "max_length", "batch_size")
     @classmethod
@@ -57,6 +77,37 @@ class CalibrationConfig(BaseModel):
                 f"sharelora.calibration.{info.field_name} must be a positive integer, got {value}"
             )
         return value
+
+    @field_validator("bootstrap_resamples")
+    @classmethod
+    def _resamples(cls, value: int) -> int:
+        return rules.check_resamples(value, "sharelora.calibration.bootstrap_resamples")
+
+    @field_validator("min_samples")
+    @classmethod
+    def _min_samples(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError(f"sharelora.calibration.min_samples must be an integer >= 2, got {value}")
+        return value
+
+    @field_validator("stability")
+    @classmethod
+    def _stability(cls, value: float) -> float:
+        return rules.check_stability_target(value, "sharelora.calibration.stability")
+
+    @model_validator(mode="after")
+    def _stopping(self) -> CalibrationConfig:
+        if self.stop_when_stable and self.bootstrap_resamples == 0:
+            raise ValueError(
+                "sharelora.calibration.stop_when_stable needs the bootstrap; set "
+                f"sharelora.calibration.bootstrap_resamples > 0 (default {rules.DEFAULT_RESAMPLES})"
+            )
+        if self.stop_when_stable and self.min_samples > self.num_samples:
+            raise ValueError(
+                f"sharelora.calibration.min_samples={self.min_samples} is above num_samples={self.num_samples} "
+                "(the cap when stop_when_stable is on); lower min_samples or raise num_samples"
+            )
+        return self
 
     @field_validator("path")
     @classmethod
@@ -79,17 +130,24 @@ class ShareLoRAConfig(BaseModel):
         description="Tie LoRA modules by the share plan. Set automatically by `adapter: sharelora`.",
     )
     threshold: float = Field(
-        default=0.85, description="ε: every pair of layers in a set needs similarity ≥ ε."
+        default=rules.DEFAULT_THRESHOLD, description="ε: every pair of layers in a set needs similarity ≥ ε."
     )
-    metric: Literal["angular", "cosine"] = Field(
-        default="angular", description="Similarity: 1 − d (eq. 4) or cosine."
+    metric: Literal[METRICS] = Field(  # type: ignore[valid-type]
+        default=rules.DEFAULT_METRIC, description="Similarity: 1 − d (eq. 4) or cosine."
     )
-    strategy: Literal["greedy", "optimal", "manual", "random", "alternate"] = Field(
-        default="greedy", description="How share sets are chosen."
+    strategy: Literal[STRATEGIES] = Field(  # type: ignore[valid-type]
+        default=rules.DEFAULT_STRATEGY, description="How share sets are chosen."
     )
     contiguous: bool = Field(default=False, description="optimal only: sets must be runs of adjacent layers.")
     share_sets: list[list[int]] | None = Field(default=None, description="strategy: manual — the sets.")
-    seed: int = Field(default=42, description="strategy: random — seed of the random adjacent sets.")
+    seed: int = Field(
+        default=rules.DEFAULT_SEED, description="strategy: random — seed of the random adjacent sets."
+    )
+    confidence: float | None = Field(
+        default=None,
+        description="Robust planning: a pair counts as similar only when its lower bootstrap bound at this "
+        "confidence (e.g. 0.9) clears ε. Default off (the paper's rule on the mean).",
+    )
     rank_expansion: bool | int = Field(
         default=False,
         description="false: keep lora_r; true: ⌊L/(L−Σ|S|+|S|)·r⌋; an integer: that rank.",
@@ -110,23 +168,17 @@ class ShareLoRAConfig(BaseModel):
     @field_validator("threshold")
     @classmethod
     def _threshold_range(cls, value: float) -> float:
-        if not 0.0 < value <= 1.0:
-            raise ValueError(f"sharelora.threshold must be in (0, 1] (paper: 0.80–0.90), got {value}")
-        return value
+        return rules.check_threshold(value, "sharelora.threshold")
 
     @field_validator("target_fraction")
     @classmethod
     def _fraction_range(cls, value: float | None) -> float | None:
-        if value is not None and not 0.0 < value <= 1.0:
-            raise ValueError(f"sharelora.target_fraction must be in (0, 1], got {value}")
-        return value
+        return rules.check_target_fraction(value, "sharelora.target_fraction")
 
     @field_validator("rank_expansion")
     @classmethod
     def _rank(cls, value: bool | int) -> bool | int:
-        if not isinstance(value, bool) and value <= 0:
-            raise ValueError(f"sharelora.rank_expansion must be true, false or a positive rank, got {value}")
-        return value
+        return rules.check_rank_expansion(value, "sharelora.rank_expansion")
 
     @field_validator("plan_file")
     @classmethod
@@ -142,19 +194,7 @@ class ShareLoRAConfig(BaseModel):
     def _sets_shape(cls, value: list[list[int]] | None) -> list[list[int]] | None:
         if value is None:
             return None
-        seen: dict[int, int] = {}
-        for k, share_set in enumerate(value):
-            if len(share_set) < 2:
-                raise ValueError(f"sharelora.share_sets[{k}]={share_set} needs at least 2 layers")
-            for layer in share_set:
-                if layer < 0:
-                    raise ValueError(f"sharelora.share_sets[{k}] has negative layer index {layer}")
-                if layer in seen:
-                    raise ValueError(
-                        f"sharelora.share_sets: layer {layer} is in set {seen[layer]} and set {k}; sets must be disjoint"
-                    )
-                seen[layer] = k
-        return value
+        return rules.check_share_sets(value, None, "sharelora.share_sets")
 
     @model_validator(mode="after")
     def _strategy_inputs(self) -> ShareLoRAConfig:
@@ -162,12 +202,23 @@ class ShareLoRAConfig(BaseModel):
             raise ValueError(
                 "sharelora.strategy: manual needs sharelora.share_sets, e.g. [[16, 17], [18, 19]]"
             )
-        if self.share_sets and self.strategy != "manual":
+        rules.check_planning_options(
+            strategy=self.strategy,
+            contiguous=self.contiguous,
+            share_sets=self.share_sets,
+            target_fraction=self.target_fraction,
+            confidence=self.confidence,
+            prefix="sharelora.",
+        )
+        if self.confidence is not None and self.calibration.bootstrap_resamples == 0:
             raise ValueError(
-                f"sharelora.share_sets is only used with strategy: manual (strategy is {self.strategy!r})"
+                "sharelora.confidence needs the bootstrap; set sharelora.calibration.bootstrap_resamples > 0"
             )
-        if self.contiguous and self.strategy != "optimal":
-            raise ValueError("sharelora.contiguous: true only applies to strategy: optimal")
+        if self.calibration.stop_when_stable and self.strategy in ("manual", "alternate"):
+            raise ValueError(
+                f"sharelora.calibration.stop_when_stable has nothing to wait for with strategy {self.strategy!r} "
+                "(its sets do not depend on calibration); set it to false"
+            )
         return self
 
 

@@ -6,8 +6,13 @@ real (non-pad) token, and accumulate the pairwise angular distance of the ShareL
 
 Layer outputs are captured with forward hooks on the decoder layers, not with ``output_hidden_states``:
 the last entry of ``hidden_states`` is taken *after* the final norm, not the last layer's output.
-Only a ``[batch, hidden]`` slice per layer is kept per batch, so memory does not grow with the number of
-samples or their length. Batches run through the model without its LM head.
+Only a ``[batch, hidden]`` slice per layer is kept per batch, and per sample only its two ``L x L`` matrices
+(float32, for the bootstrap stability of the plan), so memory grows with the number of samples by ``8 L^2`` bytes
+each and never with their length. Past :data:`MAX_PER_SAMPLE_BYTES` calibration is refused before it starts.
+Batches run through the model without its LM head.
+
+``calibrate(..., should_stop=...)`` asks a callback after every batch whether to stop (the plugin's
+stop-when-stable rule); the callback receives the running mean and the per-sample matrices so far.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -26,10 +31,20 @@ from tqdm.auto import tqdm
 
 from sharelora_plugin.layers import backbone_without_head, find_decoder_layers
 
+# Per-sample angular distances and cosines are kept as float32: N * L * L * 4 bytes each, 8 * N * L^2 together.
+# 1 GiB is ~130,000 samples of a 32-layer model or ~21,000 of an 80-layer one; far beyond any calibration set.
+MAX_PER_SAMPLE_BYTES = 1 << 30
+
+
+def per_sample_bytes(num_samples: int, num_layers: int) -> int:
+    """Memory the per-sample angular and cosine matrices of ``num_samples`` samples take (float32, both)."""
+    return 8 * num_samples * num_layers * num_layers
+
 
 @dataclass
 class CalibrationResult:
-    """Mean pairwise angular distance and cosine between decoder layer outputs (L×L each)."""
+    """Mean pairwise angular distance and cosine between decoder layer outputs (L×L each), and the same per
+    sample (``[N, L, L]`` float32) for the bootstrap."""
 
     angular_distance: np.ndarray
     cosine: np.ndarray
@@ -38,6 +53,9 @@ class CalibrationResult:
     seconds: float
     layers_path: str
     settings: dict = field(default_factory=dict)
+    per_sample_angular: np.ndarray | None = None
+    per_sample_cosine: np.ndarray | None = None
+    stopped_early: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -53,6 +71,18 @@ class CalibrationResult:
             raise ValueError(f"sharelora.metric must be 'angular' or 'cosine', got {metric!r}")
         np.fill_diagonal(sim, 1.0)
         return sim
+
+
+@dataclass
+class CalibrationProgress:
+    """What a ``should_stop`` callback sees after each batch: samples so far, their running means (float64, as in
+    the final result) and the per-sample matrices (``[n, L, L]`` float32)."""
+
+    num_samples: int
+    angular_distance: np.ndarray
+    cosine: np.ndarray
+    per_sample_angular: np.ndarray
+    per_sample_cosine: np.ndarray
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -159,21 +189,35 @@ def calibrate(
     layers_path: str | None = None,
     total: int | None = None,
     progress: bool = True,
+    expected_samples: int | None = None,
+    should_stop: Callable[[CalibrationProgress], bool] | None = None,
 ) -> CalibrationResult:
     """Run ``batches`` (dicts with ``input_ids``/``attention_mask`` and, for a VLM, ``pixel_values`` …)
     through the frozen ``model`` and return the averaged L×L layer-output distances.
 
     The model is put in eval mode for the pass and restored afterwards; no gradients are recorded.
+    ``expected_samples`` (the number of samples the batches hold at most) lets the per-sample memory cap be checked
+    before any forward pass. ``should_stop`` is asked after every batch; when it answers True the remaining
+    batches are not run and the result says ``stopped_early``.
     """
     decoder = find_decoder_layers(model, layers_path)
     runner = backbone_without_head(model)
     device = _model_device(model)
-    capture = _LastTokenCapture(decoder.layers)
     num_layers = len(decoder)
+    if expected_samples is not None and per_sample_bytes(expected_samples, num_layers) > MAX_PER_SAMPLE_BYTES:
+        raise ValueError(
+            f"sharelora.calibration.num_samples={expected_samples} on {num_layers} layers needs "
+            f"{per_sample_bytes(expected_samples, num_layers) / 2**30:.1f} GiB for the per-sample matrices, over the "
+            f"{MAX_PER_SAMPLE_BYTES / 2**30:.0f} GiB cap; lower num_samples"
+        )
+    capture = _LastTokenCapture(decoder.layers)
     sum_angular = torch.zeros(num_layers, num_layers, dtype=torch.float64)
     sum_cosine = torch.zeros(num_layers, num_layers, dtype=torch.float64)
+    per_angular: list[np.ndarray] = []
+    per_cosine: list[np.ndarray] = []
     num_samples = 0
     num_tokens = 0
+    stopped = False
     start = time.perf_counter()
     try:
         with _eval_mode_keeping_4bit_trainable(model), _attention_projection_fallbacks(decoder.layers):
@@ -191,27 +235,50 @@ def calibrate(
                 angular, cosine = pairwise_angular_and_cosine(capture.take())
                 sum_angular += angular.sum(dim=0)
                 sum_cosine += cosine.sum(dim=0)
+                per_angular.append(angular.to(torch.float32).numpy())
+                per_cosine.append(cosine.to(torch.float32).numpy())
                 num_samples += int(mask.shape[0])
                 num_tokens += int(mask.sum())
+                if per_sample_bytes(num_samples, num_layers) > MAX_PER_SAMPLE_BYTES:
+                    raise ValueError(
+                        f"calibration passed {num_samples} samples, over the per-sample memory cap of "
+                        f"{MAX_PER_SAMPLE_BYTES / 2**30:.0f} GiB; lower sharelora.calibration.num_samples"
+                    )
+                if should_stop is not None and should_stop(
+                    CalibrationProgress(
+                        num_samples=num_samples,
+                        angular_distance=_mean_matrix(sum_angular, num_samples, 0.0),
+                        cosine=_mean_matrix(sum_cosine, num_samples, 1.0),
+                        per_sample_angular=np.concatenate(per_angular),
+                        per_sample_cosine=np.concatenate(per_cosine),
+                    )
+                ):
+                    stopped = True
+                    break
     finally:
         capture.remove()
     if num_samples == 0:
         raise ValueError(
             "calibration received no samples; check sharelora.calibration (path, split, num_samples)"
         )
-    angular_mean = (sum_angular / num_samples).numpy()
-    cosine_mean = (sum_cosine / num_samples).numpy()
-    # arccos of a float64 cosine of identical vectors can be ~1e-8 off zero; the diagonal is exact by definition
-    np.fill_diagonal(angular_mean, 0.0)
-    np.fill_diagonal(cosine_mean, 1.0)
     return CalibrationResult(
-        angular_distance=angular_mean,
-        cosine=cosine_mean,
+        angular_distance=_mean_matrix(sum_angular, num_samples, 0.0),
+        cosine=_mean_matrix(sum_cosine, num_samples, 1.0),
         num_samples=num_samples,
         num_tokens=num_tokens,
         seconds=time.perf_counter() - start,
         layers_path=decoder.path,
+        per_sample_angular=np.concatenate(per_angular),
+        per_sample_cosine=np.concatenate(per_cosine),
+        stopped_early=stopped,
     )
+
+
+def _mean_matrix(total: torch.Tensor, num_samples: int, diagonal: float) -> np.ndarray:
+    mean = (total / num_samples).numpy()
+    # arccos of a float64 cosine of identical vectors can be ~1e-8 off zero; the diagonal is exact by definition
+    np.fill_diagonal(mean, diagonal)
+    return mean
 
 
 def text_batches(
@@ -220,16 +287,20 @@ def text_batches(
     *,
     batch_size: int,
     max_length: int,
+    sort_by_length: bool = True,
 ) -> list[dict[str, torch.Tensor]]:
     """Tokenize texts into padded batches (the tokenizer's own padding side is respected).
 
-    Texts are sorted by length so batches carry little padding; the result does not depend on the order
-    because every sample contributes independently to the mean.
+    Texts are sorted by length so batches carry little padding; the mean does not depend on the order because
+    every sample contributes independently. ``sort_by_length=False`` keeps the given (random) order, so that any
+    prefix of the batches is a random sample: calibration that may stop early needs that.
     """
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     lengths = [len(t) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    order = list(range(len(texts)))
+    if sort_by_length:
+        order.sort(key=lambda i: lengths[i])
     batches = []
     for start in range(0, len(order), batch_size):
         chunk = [texts[i] for i in order[start : start + batch_size]]

@@ -5,6 +5,7 @@
     sharelora plan --config recipes/smollm2_sharelora.yml          # calibrate only (no training), write the plan
     sharelora plan --matrix outputs/smollm2_sharelora/sharelora_plan.json --threshold 0.8,0.85,0.9   # sweep
     sharelora plan --matrix similarity.csv --strategy optimal --contiguous --json
+    sharelora plan --matrix outputs/smollm2_sharelora/sharelora_plan.json --threshold 0.85,0.9 --stability
     sharelora params --model-config configs/llama-7b.json --lora-r 8 \\
         --share-sets '[[16,17],[18,19],[20,21,22],[23,24,25,26,27],[28,29,30]]' --rank 9
     sharelora show outputs/smollm2_sharelora/sharelora_plan.json
@@ -37,23 +38,34 @@ import yaml
 from pydantic import ValidationError
 
 from sharelora_plugin.planning import (
+    CALIBRATION_FILENAME,
     METRICS,
     STRATEGIES,
     PlanError,
     SharePlan,
     distinct_modules,
     expanded_rank,
+    load_per_sample,
     load_similarity,
     make_plan,
+    plan_with_stability,
+    similarity_from_distances,
     validate_share_sets,
+)
+from sharelora_plugin.planning.rules import (
+    DEFAULT_RANK as DEFAULT_LORA_R,
+)
+from sharelora_plugin.planning.rules import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    DEFAULT_THRESHOLD,
+    check_planning_options,
+    check_resamples,
 )
 
 PROG = "sharelora"
 EXIT_USAGE = 2
 DEFAULT_TARGET_MODULES = "q_proj,k_proj,v_proj,up_proj,down_proj"  # the paper's commonsense setup
-DEFAULT_THRESHOLD = 0.85
-DEFAULT_LORA_R = 8
-DEFAULT_SEED = 42  # the `sharelora.seed` default of the YAML block
 # Keys of plan.metadata that describe parameter counts; dropped when a plan is re-made from another's matrix.
 PARAM_METADATA_KEYS = (
     "lora_params",
@@ -395,6 +407,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-modules",
         help=f"--matrix with --model-config: LoRA targets (default {DEFAULT_TARGET_MODULES})",
     )
+    plan.add_argument(
+        "--stability",
+        action="store_true",
+        help="--matrix: bootstrap each plan over the per-sample calibration file (sharelora_calibration.npz "
+        "beside the plan file, or --calibration) and print how often each set comes back; no model is loaded",
+    )
+    plan.add_argument("--calibration", help="--matrix: the per-sample .npz (default: beside --matrix)")
+    plan.add_argument(
+        "--confidence",
+        type=_number,
+        help="robust planning: a pair is similar only when its lower bootstrap bound at this confidence clears ε",
+    )
+    plan.add_argument(
+        "--resamples", type=int, help=f"bootstrap resamples (default {DEFAULT_RESAMPLES}, or the plan file's)"
+    )
+    plan.add_argument(
+        "--bootstrap-seed",
+        type=int,
+        help="bootstrap seed (default: the plan file's, else the calibration seed)",
+    )
     plan.add_argument("--output-dir", help="write sharelora_plan.json and the heatmap here")
     plan.add_argument("--json", action="store_true", help="print the plan (a list for a sweep) as JSON")
     plan.set_defaults(handler=_cmd_plan)
@@ -490,13 +522,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                 ("--lora-r", args.lora_r),
                 ("--model-config", args.model_config),
                 ("--target-modules", args.target_modules),
+                ("--calibration", args.calibration),
+                ("--resamples", args.resamples),
+                ("--bootstrap-seed", args.bootstrap_seed),
             )
             if value is not None
         ]
         if misplaced:
             raise PlanError(
                 f"{', '.join(misplaced)} only apply to --matrix; with --config they come from the YAML "
-                "(lora_r, lora_target_modules) and its base model"
+                "(lora_r, lora_target_modules, sharelora.calibration) and its base model; a plan made from a "
+                "config always carries its bootstrap stability"
             )
         return _plan_from_config(args)
     return _plan_from_matrix(args)
@@ -524,6 +560,38 @@ def _similarity_for_metric(path: str, matrix: Any, source: dict, metric: str | N
     raise PlanError(f"{path} holds a {stored} similarity and no {metric} matrix in its metadata")
 
 
+def _bootstrap_inputs(
+    args: argparse.Namespace, source: dict, metric: str, num_layers: int
+) -> tuple[Any, dict[str, Any]]:
+    """Per-sample similarities for ``metric`` from the calibration .npz, and the bootstrap settings: the flags,
+    else those stored in the plan file (so the same ε reproduces the stored report), else the defaults."""
+    path = Path(args.calibration) if args.calibration else Path(args.matrix).parent / CALIBRATION_FILENAME
+    if not args.calibration and not source:
+        raise PlanError(
+            f"{args.matrix} is not a sharelora_plan.json; pass the per-sample file with --calibration"
+        )
+    angular, cosine = load_per_sample(path)
+    if angular.shape[1] != num_layers:
+        raise PlanError(
+            f"{path} holds {angular.shape[1]}-layer matrices but {args.matrix} is {num_layers} x {num_layers}"
+        )
+    stored = source.get("stability") or {}
+    calibration = (source.get("metadata") or {}).get("calibration") or {}
+    seed = args.bootstrap_seed
+    if seed is None:
+        seed = stored.get("seed", calibration.get("seed", DEFAULT_SEED))
+    resamples = check_resamples(
+        args.resamples if args.resamples is not None else stored.get("resamples", DEFAULT_RESAMPLES),
+        "--resamples",
+    )
+    if resamples == 0:
+        raise PlanError(
+            "--resamples 0 turns the bootstrap off; --stability and --confidence need at least 10"
+        )
+    samples = similarity_from_distances(angular, cosine, metric)
+    return samples, {"resamples": resamples, "bootstrap_seed": int(seed)}
+
+
 def _plan_from_matrix(args: argparse.Namespace) -> int:
     matrix, source = load_similarity(args.matrix)
     similarity, metric = _similarity_for_metric(args.matrix, matrix, source, args.metric)
@@ -531,26 +599,39 @@ def _plan_from_matrix(args: argparse.Namespace) -> int:
     thresholds = args.threshold or [source.get("threshold") or DEFAULT_THRESHOLD]
     _sweep_checks(args, thresholds)
     strategy = args.strategy or "greedy"
-    if strategy not in ("greedy", "optimal") and args.contiguous:
-        raise PlanError(f"--contiguous applies to strategy optimal; got --strategy {strategy}")
+    check_planning_options(
+        strategy=strategy,
+        contiguous=args.contiguous,
+        share_sets=args.share_sets,
+        target_fraction=args.target_fraction,
+        confidence=args.confidence,
+        prefix="--",
+    )
     inherited = {
         key: value for key, value in (source.get("metadata") or {}).items() if key not in PARAM_METADATA_KEYS
     }
+    options = {
+        "strategy": strategy,
+        "metric": metric,
+        "share_sets": args.share_sets,
+        "contiguous": args.contiguous,
+        "seed": DEFAULT_SEED if args.seed is None else args.seed,
+        "rank": base_rank,
+        "rank_expansion": _rank_expansion(args) or False,
+        "target_fraction": args.target_fraction,
+    }
+    samples = None
+    if args.stability or args.confidence is not None:
+        samples, bootstrap = _bootstrap_inputs(args, source, metric, len(matrix))
+        options.update(bootstrap, confidence=args.confidence)
+    elif args.calibration or args.resamples is not None or args.bootstrap_seed is not None:
+        raise PlanError("--calibration, --resamples and --bootstrap-seed need --stability (or --confidence)")
     plans = []
     for threshold in thresholds:
-        plan = make_plan(
-            num_layers=len(matrix),
-            strategy=strategy,
-            similarity=similarity,
-            threshold=threshold,
-            metric=metric,
-            share_sets=args.share_sets,
-            contiguous=args.contiguous,
-            seed=DEFAULT_SEED if args.seed is None else args.seed,
-            rank=base_rank,
-            rank_expansion=_rank_expansion(args) or False,
-            target_fraction=args.target_fraction,
-        )
+        if samples is None:
+            plan = make_plan(num_layers=len(matrix), similarity=similarity, threshold=threshold, **options)
+        else:
+            plan = plan_with_stability(samples, similarity, threshold=threshold, **options)
         plan.metadata.update(inherited)
         plan.metadata["similarity_source"] = str(args.matrix)
         plans.append(plan)
@@ -586,6 +667,14 @@ def _plan_from_matrix(args: argparse.Namespace) -> int:
         written = save_plan_artifacts(plans[0], args.output_dir)
     if args.json:
         _print_json([plan.to_dict() for plan in plans] if len(plans) > 1 else plans[0].to_dict())
+    elif samples is not None:
+        print(f"similarity: {args.matrix} ({metric}, {plans[0].num_layers} layers), strategy {strategy}")
+        for plan in plans:
+            print()
+            print(plan.summary_table())
+        if len(plans) > 1:
+            print()
+            print(sweep_table(plans, counts))
     elif len(plans) > 1:
         print(f"similarity: {args.matrix} ({metric}, {plans[0].num_layers} layers), strategy {strategy}")
         print(sweep_table(plans, counts))
@@ -618,6 +707,8 @@ def _setting_overrides(args: argparse.Namespace, single_threshold: float | None)
         overrides["metric"] = args.metric
     if args.seed is not None:
         overrides["seed"] = args.seed
+    if args.confidence is not None:
+        overrides["confidence"] = args.confidence
     expansion = _rank_expansion(args)
     if expansion is not None:
         overrides["rank_expansion"] = expansion
@@ -709,7 +800,7 @@ def _plan_from_config(args: argparse.Namespace) -> int:
             raise PlanError(f"{path} has no output_dir; pass --output-dir")
         model = _load_base_model(cfg)
         tokenizer = load_tokenizer(cfg)
-        plan, source = workflow.make_or_load_plan(cfg, model, lambda: tokenizer)
+        plan, source, per_sample = workflow.make_or_load_plan(cfg, model, lambda: tokenizer)
         model_config = model.config
         del model
         base_rank = int(cfg.lora_r or DEFAULT_LORA_R)
@@ -730,25 +821,22 @@ def _plan_from_config(args: argparse.Namespace) -> int:
         plan.metadata.update(plan_count.metadata())
         plan.metadata.setdefault("model", str(cfg.base_model))
         plan.metadata["plan_source"] = source
-        written = workflow.save_plan_artifacts(plan, output_dir, heatmap=cfg["sharelora"]["save_heatmap"])
+        written = workflow.save_plan_artifacts(
+            plan, output_dir, heatmap=cfg["sharelora"]["save_heatmap"], per_sample=per_sample
+        )
         sweep: list[SharePlan] = []
         if len(thresholds) > 1 and plan.similarity is not None:
-            settings = cfg["sharelora"]
+            options = workflow.plan_options(cfg["sharelora"], base_rank)
+            options["target_fraction"] = None
             for threshold in thresholds:
-                sweep.append(
-                    make_plan(
-                        num_layers=plan.num_layers,
-                        strategy=settings["strategy"],
-                        similarity=plan.similarity,
-                        threshold=threshold,
-                        metric=plan.metric,
-                        share_sets=settings["share_sets"],
-                        contiguous=settings["contiguous"],
-                        seed=settings["seed"],
-                        rank=base_rank,
-                        rank_expansion=settings["rank_expansion"],
-                    )
-                )
+                options["threshold"] = threshold
+                if per_sample is not None:
+                    samples = similarity_from_distances(*per_sample, plan.metric)
+                    sweep.append(plan_with_stability(samples, plan.similarity, **options))
+                else:
+                    for key in ("resamples", "bootstrap_seed", "confidence"):
+                        options.pop(key, None)
+                    sweep.append(make_plan(num_layers=plan.num_layers, similarity=plan.similarity, **options))
         sweep_counts = [count(candidate) for candidate in sweep]
 
     if args.json:

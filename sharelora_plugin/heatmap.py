@@ -1,4 +1,6 @@
-"""Heatmap of a :class:`~sharelora_plugin.planning.SharePlan`: the L x L similarity with the share sets outlined.
+"""Heatmap of a :class:`~sharelora_plugin.planning.SharePlan`: the L x L similarity with the share sets outlined,
+and, when the plan carries a bootstrap report, a second panel with the co-membership matrix (how often two layers
+share a module over the resamples) with the same sets outlined.
 
 Uses matplotlib's object API with the Agg canvas directly, so it never touches pyplot's global state or the
 process-wide backend (safe inside a training process and on headless machines).
@@ -31,7 +33,8 @@ def heatmap_figure(plan: SharePlan, title: str | None = None) -> Figure:
 
     Each share set gets a rectangle over its ``[min..max]`` block (solid when the set is a run of adjacent layers,
     dashed otherwise); a non-contiguous set also gets an outline on every member-pair cell, so which layers
-    actually share is visible. Raises :class:`PlanError` when the plan carries no similarity matrix.
+    actually share is visible. With ``plan.stability`` a second panel shows the bootstrap co-membership matrix.
+    Raises :class:`PlanError` when the plan carries no similarity matrix.
     """
     if plan.similarity is None:
         raise PlanError(
@@ -41,9 +44,11 @@ def heatmap_figure(plan: SharePlan, title: str | None = None) -> Figure:
     num_layers = plan.num_layers
     off_diagonal = sim[~np.eye(num_layers, dtype=bool)]
 
-    figure = Figure(figsize=(7.5, 6.5), dpi=100)
+    comembership = (plan.stability or {}).get("comembership")
+    panels = 2 if comembership is not None else 1
+    figure = Figure(figsize=(7.5 * panels, 6.5), dpi=100)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
+    axes = figure.add_subplot(1, panels, 1)
     image = axes.imshow(
         sim,
         cmap="viridis",
@@ -54,6 +59,53 @@ def heatmap_figure(plan: SharePlan, title: str | None = None) -> Figure:
     colorbar = figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
     colorbar.set_label(f"{plan.metric} similarity")
 
+    _outline_sets(axes, plan.share_sets)
+    ticks = list(range(0, num_layers, _tick_step(num_layers)))
+    axes.set_xticks(ticks)
+    axes.set_yticks(ticks)
+    axes.set_xlabel("layer")
+    axes.set_ylabel("layer")
+    if title is None:
+        threshold = "-" if plan.threshold is None else f"{plan.threshold:g}"
+        title = (
+            f"{plan.metric} similarity, \u03b5={threshold}, strategy={plan.strategy}\n"
+            f"{len(plan.share_sets)} share sets, {plan.distinct_modules}/{num_layers} distinct LoRA modules, "
+            f"rank {plan.base_rank}\u2192{plan.rank}"
+        )
+    axes.set_title(title, fontsize=10)
+    if comembership is not None:
+        _comembership_panel(figure.add_subplot(1, 2, 2), figure, plan, np.asarray(comembership, dtype=float))
+    figure.tight_layout()
+    return figure
+
+
+def _comembership_panel(axes, figure: Figure, plan: SharePlan, comembership: np.ndarray) -> None:
+    stability = plan.stability or {}
+    image = axes.imshow(comembership, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+    colorbar = figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    colorbar.set_label("fraction of resamples sharing a module")
+    # outlines only for the sets themselves; their gids are kept for the similarity panel
+    _outline_sets(axes, plan.share_sets, gid_prefix="comembership")
+    ticks = list(range(0, plan.num_layers, _tick_step(plan.num_layers)))
+    axes.set_xticks(ticks)
+    axes.set_yticks(ticks)
+    axes.set_xlabel("layer")
+    axes.set_ylabel("layer")
+    frequency = stability.get("plan_frequency")
+    reference = stability.get("reference_strategy", plan.strategy)
+    summary = (
+        f"plan frequency {frequency:.2f}"
+        if frequency is not None
+        else f"{reference} at the same \u03b5 (sets fixed by {plan.strategy})"
+    )
+    axes.set_title(
+        f"bootstrap co-membership, {stability.get('resamples')} resamples of {stability.get('num_samples')} "
+        f"samples\n{summary}; diagonal: layer shares with any other",
+        fontsize=10,
+    )
+
+
+def _outline_sets(axes, share_sets: list[list[int]], gid_prefix: str = SET_OUTLINE_GID) -> None:
     palette = [
         "#e41a1c",
         "#ff7f00",
@@ -64,7 +116,7 @@ def heatmap_figure(plan: SharePlan, title: str | None = None) -> Figure:
         "#e6ab02",
         "#000000",
     ]
-    for number, members in enumerate(plan.share_sets):
+    for number, members in enumerate(share_sets):
         color = palette[number % len(palette)]
         low, high = members[0], members[-1]
         contiguous = members == list(range(low, high + 1))
@@ -77,7 +129,7 @@ def heatmap_figure(plan: SharePlan, title: str | None = None) -> Figure:
                 edgecolor=color,
                 linewidth=2.0,
                 linestyle="-" if contiguous else "--",
-                gid=f"{SET_OUTLINE_GID}:{number}:block",
+                gid=f"{gid_prefix}:{number}:block",
             )
         )
         if not contiguous:
@@ -92,7 +144,7 @@ def heatmap_figure(plan: SharePlan, title: str | None = None) -> Figure:
                                 fill=False,
                                 edgecolor=color,
                                 linewidth=1.0,
-                                gid=f"{SET_OUTLINE_GID}:{number}:cell",
+                                gid=f"{gid_prefix}:{number}:cell",
                             )
                         )
         axes.annotate(
@@ -103,22 +155,6 @@ def heatmap_figure(plan: SharePlan, title: str | None = None) -> Figure:
             color=color if color != "#ffffff" else "#444444",
             fontsize=7,
         )
-
-    ticks = list(range(0, num_layers, _tick_step(num_layers)))
-    axes.set_xticks(ticks)
-    axes.set_yticks(ticks)
-    axes.set_xlabel("layer")
-    axes.set_ylabel("layer")
-    if title is None:
-        threshold = "-" if plan.threshold is None else f"{plan.threshold:g}"
-        title = (
-            f"{plan.metric} similarity, \u03b5={threshold}, strategy={plan.strategy}\n"
-            f"{len(plan.share_sets)} share sets, {plan.distinct_modules}/{num_layers} distinct LoRA modules, "
-            f"rank {plan.base_rank}\u2192{plan.rank}"
-        )
-    axes.set_title(title, fontsize=10)
-    figure.tight_layout()
-    return figure
 
 
 def save_heatmap(plan: SharePlan, path: str | os.PathLike, title: str | None = None) -> None:

@@ -263,10 +263,13 @@ def visual_text_batches(
     messages_field: str = "messages",
     image_roots: Sequence[Path] = (),
     pixel_dtype: torch.dtype | None = None,
+    sort_by_length: bool = True,
 ) -> list[dict[str, torch.Tensor]]:
     """Calibration batches (``input_ids``, ``attention_mask``, ``position_ids``, ``pixel_values`` …) from
     image+text rows. Rows are sorted by length so batches carry little padding (the result does not depend on the
-    order: every sample contributes to the mean on its own). Text-only rows are allowed alongside."""
+    order: every sample contributes to the mean on its own); ``sort_by_length=False`` keeps the rows' (random)
+    order, so any prefix of the batches is a random sample, as calibration that may stop early needs. Text-only
+    rows are allowed alongside."""
     samples = []
     for index, row in enumerate(rows):
         try:
@@ -289,7 +292,9 @@ def visual_text_batches(
         LOG.warning(
             "ShareLoRA: %d of %d calibration rows have no image", len(samples) - with_images, len(samples)
         )
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
+    order = list(range(len(samples)))
+    if sort_by_length:
+        order.sort(key=lambda i: len(samples[i].input_ids))
     return [
         pad_samples(
             processor.tokenizer,

@@ -9,10 +9,11 @@ register (raw YAML)      ``adapter: sharelora`` → Axolotl's ``lora`` (``qlora`
 get_input_args           the ``sharelora:`` block (``args.ShareLoRAArgs``), validated with the config
 get_adapter_capabilities ``sharelora`` is a LoRA-like adapter (for configs validated without ``register``)
 load_datasets            nothing but a CPU-only multi-process fix of Axolotl's device_map (datasets load as usual)
-pre_lora_load            plan: saved plan (plan_file / lora_model_dir / resumed checkpoint) or calibrate;
-                         the plan's rank becomes ``lora_r`` before PEFT builds modules
+pre_lora_load            plan: saved plan (plan_file / lora_model_dir / resumed checkpoint) or calibrate (with
+                         its bootstrap stability, stopping early when configured); the plan's rank becomes
+                         ``lora_r`` before PEFT builds modules
 post_lora_load           tie lora_A/lora_B of each share set to the leader's; verify; log; write the plan
-add_callbacks_post_trainer  copy the plan into every checkpoint
+add_callbacks_post_trainer  copy the plan (and the per-sample calibration file) into every checkpoint
 post_train               check the ties survived training
 """
 
@@ -65,14 +66,15 @@ def alias_adapter(cfg: Any) -> None:
 class PlanCheckpointCallback(TrainerCallback):
     """Writes the plan into every ``checkpoint-N`` folder so resume and reload can re-tie from it."""
 
-    def __init__(self, plan: SharePlan, heatmap: bool):
+    def __init__(self, plan: SharePlan, heatmap: bool, per_sample=None):
         self.plan = plan
         self.heatmap = heatmap
+        self.per_sample = per_sample
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = f"{args.output_dir}/checkpoint-{state.global_step}"
-            workflow.save_plan_artifacts(self.plan, folder, heatmap=self.heatmap)
+            workflow.save_plan_artifacts(self.plan, folder, heatmap=self.heatmap, per_sample=self.per_sample)
         return control
 
 
@@ -83,6 +85,7 @@ class ShareLoRAPlugin(BasePlugin):
         super().__init__()
         self.plan: SharePlan | None = None
         self.plan_source: str | None = None
+        self.per_sample = None  # per-sample calibration matrices, on the process that has them
         self._aliased_from: dict[int, Any] = {}
 
     def register(self, cfg: dict):
@@ -122,7 +125,9 @@ class ShareLoRAPlugin(BasePlugin):
             return
         from axolotl.loaders import load_tokenizer
 
-        self.plan, self.plan_source = workflow.make_or_load_plan(cfg, model, lambda: load_tokenizer(cfg))
+        self.plan, self.plan_source, self.per_sample = workflow.make_or_load_plan(
+            cfg, model, lambda: load_tokenizer(cfg)
+        )
         if cfg.lora_model_dir is None and cfg.lora_r != self.plan.rank:
             LOG.info("ShareLoRA: lora_r %s -> %s (rank expansion)", cfg.lora_r, self.plan.rank)
             cfg.lora_r = self.plan.rank
@@ -166,14 +171,15 @@ class ShareLoRAPlugin(BasePlugin):
         )
         if cfg.output_dir and workflow.is_main_process():
             written = workflow.save_plan_artifacts(
-                self.plan, cfg.output_dir, heatmap=settings["save_heatmap"]
+                self.plan, cfg.output_dir, heatmap=settings["save_heatmap"], per_sample=self.per_sample
             )
             LOG.info("ShareLoRA: wrote %s", ", ".join(str(p) for p in written))
 
     def add_callbacks_post_trainer(self, cfg, trainer):
         if not _enabled(cfg) or self.plan is None:
             return []
-        return [PlanCheckpointCallback(self.plan, workflow.sharelora_settings(cfg)["save_heatmap"])]
+        heatmap = workflow.sharelora_settings(cfg)["save_heatmap"]
+        return [PlanCheckpointCallback(self.plan, heatmap, self.per_sample)]
 
     def post_train(self, cfg, model):
         if _enabled(cfg) and self.plan is not None:

@@ -21,7 +21,17 @@ from sharelora_plugin.multimodal import (
     vision_dtype,
     visual_text_batches,
 )
-from sharelora_plugin.planning import PlanError, SharePlan, make_plan
+from sharelora_plugin.planning import (
+    CALIBRATION_FILENAME,
+    PlanError,
+    SharePlan,
+    StopWhenStable,
+    load_per_sample,
+    make_plan,
+    plan_with_stability,
+    save_per_sample,
+    similarity_from_distances,
+)
 
 LOG = logging.getLogger("axolotl.integrations.sharelora")
 
@@ -140,12 +150,38 @@ def rows_to_texts(rows: list[dict], tokenizer, settings: dict) -> list[str]:
     return [t for t in texts if t.strip()]
 
 
-def run_calibration(model, tokenizer, settings: dict, cfg: Any) -> CalibrationResult:
+def plan_options(settings: dict, base_rank: int) -> dict[str, Any]:
+    """Keyword arguments of :func:`~sharelora_plugin.planning.plan_with_stability` from the ``sharelora:`` block:
+    the plan itself and, after every stop-when-stable check, the plan so far are made with exactly these."""
+    cal = settings["calibration"]
+    return {
+        "metric": settings["metric"],
+        "strategy": settings["strategy"],
+        "threshold": settings["threshold"],
+        "share_sets": settings["share_sets"],
+        "contiguous": settings["contiguous"],
+        "seed": settings["seed"],
+        "rank": base_rank,
+        "rank_expansion": settings["rank_expansion"],
+        "target_fraction": settings["target_fraction"],
+        "confidence": settings["confidence"],
+        "resamples": cal["bootstrap_resamples"],
+        "bootstrap_seed": cal["seed"],
+    }
+
+
+def run_calibration(model, tokenizer, settings: dict, cfg: Any, base_rank: int = 8) -> CalibrationResult:
     """Calibrate ``model`` on the configured samples: texts for a language model; image + text conversations,
     prepared with the model's processor and run through the whole VLM, for a multimodal model (LLaVA). Either way
-    only the language model's decoder layers are measured."""
+    only the language model's decoder layers are measured.
+
+    With ``calibration.stop_when_stable`` the samples run in their random order (not sorted by length, so every
+    prefix is a random sample) and calibration stops after the first batch at which the plan made so far comes
+    back in at least ``calibration.stability`` of the bootstrap resamples (never before ``min_samples``);
+    ``num_samples`` is the cap."""
     rows, source = load_calibration_rows(settings, cfg)
     cal = settings["calibration"]
+    stop_when_stable = bool(cal["stop_when_stable"])
     modality = "text"
     if is_multimodal(model):
         modality = "visual-text"
@@ -159,11 +195,51 @@ def run_calibration(model, tokenizer, settings: dict, cfg: Any) -> CalibrationRe
             messages_field=cal["messages_field"],
             image_roots=calibration_image_roots(source, cal),
             pixel_dtype=vision_dtype(model),
+            sort_by_length=not stop_when_stable,
         )
     else:
         texts = rows_to_texts(rows, tokenizer, settings)
-        batches = text_batches(tokenizer, texts, batch_size=cal["batch_size"], max_length=cal["max_length"])
-    result = calibrate(model, batches, layers_path=settings["layers_path"], total=len(batches))
+        batches = text_batches(
+            tokenizer,
+            texts,
+            batch_size=cal["batch_size"],
+            max_length=cal["max_length"],
+            sort_by_length=not stop_when_stable,
+        )
+    available = sum(int(batch["attention_mask"].shape[0]) for batch in batches)
+    stopper = None
+    should_stop = None
+    if stop_when_stable:
+        stopper = StopWhenStable(
+            plan_options=plan_options(settings, base_rank),
+            min_samples=cal["min_samples"],
+            target=cal["stability"],
+        )
+        metric = settings["metric"]
+
+        def should_stop(progress) -> bool:
+            done = stopper(
+                similarity_from_distances(progress.angular_distance, progress.cosine, metric),
+                similarity_from_distances(progress.per_sample_angular, progress.per_sample_cosine, metric),
+            )
+            if stopper.checks:
+                check = stopper.checks[-1]
+                LOG.info(
+                    "ShareLoRA: %d samples, bootstrap plan frequency %s (stop at %.2f)",
+                    check["num_samples"],
+                    "-" if check["plan_frequency"] is None else f"{check['plan_frequency']:.2f}",
+                    stopper.target,
+                )
+            return done
+
+    result = calibrate(
+        model,
+        batches,
+        layers_path=settings["layers_path"],
+        total=len(batches),
+        expected_samples=available,
+        should_stop=should_stop,
+    )
     result.settings = {
         "source": source,
         "modality": modality,
@@ -175,28 +251,58 @@ def run_calibration(model, tokenizer, settings: dict, cfg: Any) -> CalibrationRe
         "seconds": round(result.seconds, 3),
         "layers_path": result.layers_path,
     }
-    if modality == "visual-text":
-        result.settings["num_images"] = sum(
-            int(b["pixel_values"].shape[0]) for b in batches if "pixel_values" in b
+    if stopper is not None:
+        if result.stopped_early:
+            reason = "stable"
+        elif available < cal["num_samples"]:
+            reason = "exhausted"  # the source had fewer samples than the cap
+        else:
+            reason = "cap"
+        result.settings.update(
+            {
+                "stop_when_stable": True,
+                "stop_reason": reason,
+                "num_samples_cap": cal["num_samples"],
+                "min_samples": cal["min_samples"],
+                "stability_target": cal["stability"],
+                "stability_checks": stopper.checks,
+            }
         )
+        LOG.info(
+            "ShareLoRA: calibration stopped after %d of at most %d samples (%s)",
+            result.num_samples,
+            cal["num_samples"],
+            {"stable": "the plan is stable", "cap": "num_samples reached", "exhausted": "no more samples"}[
+                reason
+            ],
+        )
+    if modality == "visual-text":
+        images, seen = 0, 0
+        for batch in batches:  # only the batches that ran
+            if seen >= result.num_samples:
+                break
+            seen += int(batch["attention_mask"].shape[0])
+            images += int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0
+        result.settings["num_images"] = images
     return result
 
 
 def plan_from_calibration(result: CalibrationResult, settings: dict, base_rank: int) -> SharePlan:
-    """Turn a calibration result into a plan with the configured strategy."""
-    plan = make_plan(
-        num_layers=result.num_layers,
-        strategy=settings["strategy"],
-        similarity=result.similarity(settings["metric"]),
-        threshold=settings["threshold"],
-        metric=settings["metric"],
-        share_sets=settings["share_sets"],
-        contiguous=settings["contiguous"],
-        seed=settings["seed"],
-        rank=base_rank,
-        rank_expansion=settings["rank_expansion"],
-        target_fraction=settings["target_fraction"],
-    )
+    """Turn a calibration result into a plan with the configured strategy, with its bootstrap stability report
+    when the result carries per-sample matrices (and ``bootstrap_resamples`` is not 0)."""
+    options = plan_options(settings, base_rank)
+    similarity = result.similarity(settings["metric"])
+    if result.per_sample_angular is not None and result.num_samples >= 2:
+        samples = similarity_from_distances(
+            result.per_sample_angular, result.per_sample_cosine, settings["metric"]
+        )
+        plan = plan_with_stability(samples, similarity, **options)
+    else:
+        if options["confidence"] is not None:
+            raise PlanError("sharelora.confidence needs at least 2 calibration samples for its bootstrap")
+        for key in ("resamples", "bootstrap_seed", "confidence"):
+            options.pop(key)
+        plan = make_plan(num_layers=result.num_layers, similarity=similarity, **options)
     plan.metadata["calibration"] = dict(result.settings)
     plan.metadata["angular_distance"] = result.angular_distance.round(6).tolist()
     plan.metadata["cosine"] = result.cosine.round(6).tolist()
@@ -220,9 +326,14 @@ def check_plan_fits(
         )
 
 
-def make_or_load_plan(cfg: Any, model, tokenizer_loader) -> tuple[SharePlan, str]:
+PerSample = tuple  # (angular_distance, cosine), each [N, L, L] float32
+
+
+def make_or_load_plan(cfg: Any, model, tokenizer_loader) -> tuple[SharePlan, str, PerSample | None]:
     """The plan for this run: loaded from a saved plan when one applies, else calibrated (main process only,
-    then broadcast so every process builds the same modules). Returns the plan and where it came from."""
+    then broadcast so every process builds the same modules). Returns the plan, where it came from, and the
+    per-sample matrices (``sharelora_calibration.npz`` contents) when this process has them: after calibration on
+    the main process, or found beside a saved plan (so they travel with it into output_dir)."""
     settings = sharelora_settings(cfg)
     base_rank = int(_get(cfg, "lora_r", 8))
     source = saved_plan_source(cfg)
@@ -231,22 +342,37 @@ def make_or_load_plan(cfg: Any, model, tokenizer_loader) -> tuple[SharePlan, str
         check_plan_fits(
             plan, model, settings, str(source), None if _get(cfg, "lora_model_dir") else base_rank
         )
-        return plan, str(source)
+        return plan, str(source), per_sample_beside(source)
     state = _distributed_state()
     plan_dict = None
+    per_sample = None
     if state is None or state.is_main_process:
         LOG.info("ShareLoRA: calibrating on process %d (no saved plan applies)", process_index())
-        result = run_calibration(model, tokenizer_loader(), settings, cfg)
+        result = run_calibration(model, tokenizer_loader(), settings, cfg, base_rank)
         plan = plan_from_calibration(result, settings, base_rank)
         plan.metadata["model"] = str(_get(cfg, "base_model", ""))
         plan_dict = plan.to_dict()
+        per_sample = (result.per_sample_angular, result.per_sample_cosine)
     if state is not None and state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         box = [plan_dict]
         broadcast_object_list(box, from_process=0)
         plan_dict = box[0]
-    return SharePlan.from_dict(plan_dict), "calibration"
+    return SharePlan.from_dict(plan_dict), "calibration", per_sample
+
+
+def per_sample_beside(plan_path: str | Path) -> PerSample | None:
+    """The per-sample matrices saved next to a plan file, if there are any (plans written before they existed,
+    or by `sharelora plan --matrix`, have none)."""
+    path = Path(plan_path).parent / CALIBRATION_FILENAME
+    if not path.is_file():
+        return None
+    try:
+        return load_per_sample(path)
+    except PlanError as err:
+        LOG.warning("ShareLoRA: ignoring %s (%s)", path, err)
+        return None
 
 
 def _distributed_state():
@@ -296,12 +422,17 @@ def is_main_process() -> bool:
     return state is None or state.is_main_process
 
 
-def save_plan_artifacts(plan: SharePlan, folder: str | Path, *, heatmap: bool = True) -> list[Path]:
-    """Write ``sharelora_plan.json`` (and the heatmap when the plan has a matrix) into ``folder``."""
+def save_plan_artifacts(
+    plan: SharePlan, folder: str | Path, *, heatmap: bool = True, per_sample: PerSample | None = None
+) -> list[Path]:
+    """Write ``sharelora_plan.json``, the per-sample ``sharelora_calibration.npz`` when given, and the heatmap
+    when the plan has a matrix, into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / PLAN_FILENAME]
     plan.save(written[0])
+    if per_sample is not None:
+        written.append(save_per_sample(folder / CALIBRATION_FILENAME, *per_sample))
     if heatmap and plan.similarity is not None:
         from sharelora_plugin.heatmap import save_heatmap
 

@@ -42,14 +42,14 @@ def data_dir() -> Path:
     return path
 
 
-def tiny_llama(num_layers: int = 6, seed: int = 0, hidden: int = 32, **overrides):
+def tiny_llama(num_layers: int = 6, seed: int = 0, hidden: int = 32, vocab_size: int = 128, **overrides):
     """A random Llama small enough for logic tests (a few thousand parameters per layer)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=128,
+        vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=num_layers,
