@@ -73,7 +73,9 @@ def per_sample_matrices(refresh: bool) -> tuple[np.ndarray, np.ndarray]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir())
     start = time.perf_counter()
     result = run_calibration(model, tokenizer, settings, {"base_model": str(model_dir())})
-    print(f"calibration: {result.num_samples} texts, {result.num_tokens} tokens, {time.perf_counter() - start:.0f} s")
+    print(
+        f"calibration: {result.num_samples} texts, {result.num_tokens} tokens, {time.perf_counter() - start:.0f} s"
+    )
     save_per_sample(CACHE, result.per_sample_angular, result.per_sample_cosine)
     return result.per_sample_angular, result.per_sample_cosine
 
@@ -81,7 +83,9 @@ def per_sample_matrices(refresh: bool) -> tuple[np.ndarray, np.ndarray]:
 def replay(samples: np.ndarray, order: np.ndarray, options: dict) -> tuple[int, list[list[int]]]:
     """Stop-when-stable over ``samples`` taken in ``order``, in calibration batches; returns the samples used and
     the plan made from them (as the plugin makes it after calibration stops)."""
-    stopper = StopWhenStable(plan_options=options, min_samples=DEFAULT_MIN_SAMPLES, target=DEFAULT_STABILITY_TARGET)
+    stopper = StopWhenStable(
+        plan_options=options, min_samples=DEFAULT_MIN_SAMPLES, target=DEFAULT_STABILITY_TARGET
+    )
     used = len(order)
     for end in range(BATCH_SIZE, len(order) + 1, BATCH_SIZE):
         taken = samples[order[:end]]
@@ -94,9 +98,13 @@ def replay(samples: np.ndarray, order: np.ndarray, options: dict) -> tuple[int, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--orders", type=int, default=5, help="shuffled sample orders per ε (default 5)")
-    parser.add_argument("--thresholds", default="0.85,0.88,0.90", help="comma list of ε (default 0.85,0.88,0.90)")
+    parser.add_argument(
+        "--thresholds", default="0.85,0.88,0.90", help="comma list of ε (default 0.85,0.88,0.90)"
+    )
     parser.add_argument("--strategy", default="greedy", choices=("greedy", "optimal"))
     parser.add_argument("--refresh", action="store_true", help="recalibrate instead of using the cache")
     args = parser.parse_args()
@@ -136,8 +144,12 @@ def main() -> None:
                 f"  order {order_seed}: stopped at {used:>3} samples, plan {'=' if same else '!='} full plan "
                 f"({time.perf_counter() - start:.1f} s of planning)"
             )
-        print(f"  samples used: mean {np.mean(used_counts):.0f}, min {min(used_counts)}, max {max(used_counts)}")
-        print(f"RATIO samples used / {samples.shape[0]} at eps {threshold:.2f} = {np.mean(used_counts) / samples.shape[0]:.2f}")
+        print(
+            f"  samples used: mean {np.mean(used_counts):.0f}, min {min(used_counts)}, max {max(used_counts)}"
+        )
+        print(
+            f"RATIO samples used / {samples.shape[0]} at eps {threshold:.2f} = {np.mean(used_counts) / samples.shape[0]:.2f}"
+        )
         print(f"AGREEMENT stopped plan = full plan at eps {threshold:.2f} = {np.mean(agree):.2f}")
 
 

@@ -299,7 +299,22 @@ def show_text(plan: SharePlan) -> str:
         lines.append(f"trainable params (whole model, shared counted once): {meta['trainable_params']:,}")
     calibration = meta.get("calibration")
     if isinstance(calibration, dict) and calibration:
-        lines.append("calibration: " + ", ".join(f"{key}={value}" for key, value in calibration.items()))
+        checks = calibration.get("stability_checks")
+        lines.append(
+            "calibration: "
+            + ", ".join(f"{key}={value}" for key, value in calibration.items() if key != "stability_checks")
+        )
+        if isinstance(checks, list) and checks:
+            trail = ", ".join(
+                f"{check.get('num_samples')}: {'-' if check.get('plan_frequency') is None else check['plan_frequency']}"
+                for check in checks
+                if isinstance(check, dict)
+            )
+            lines.append(
+                f"stop when stable: stopped after {calibration.get('num_samples')} of at most "
+                f"{calibration.get('num_samples_cap')} samples ({calibration.get('stop_reason')}); "
+                f"plan frequency by samples: {trail}"
+            )
     if meta.get("plan_source"):
         lines.append(f"plan source: {meta['plan_source']}")
     return "\n".join(lines)

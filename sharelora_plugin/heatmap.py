@@ -85,7 +85,9 @@ def _comembership_panel(axes, figure: Figure, plan: SharePlan, comembership: np.
     colorbar = figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
     colorbar.set_label("fraction of resamples sharing a module")
     # outlines only for the sets themselves; their gids are kept for the similarity panel
-    _outline_sets(axes, plan.share_sets, gid_prefix="comembership")
+    _outline_sets(
+        axes, plan.share_sets, gid_prefix="comembership", palette=("#00e5ff",)
+    )  # seen on black and white
     ticks = list(range(0, plan.num_layers, _tick_step(plan.num_layers)))
     axes.set_xticks(ticks)
     axes.set_yticks(ticks)
@@ -105,17 +107,15 @@ def _comembership_panel(axes, figure: Figure, plan: SharePlan, comembership: np.
     )
 
 
-def _outline_sets(axes, share_sets: list[list[int]], gid_prefix: str = SET_OUTLINE_GID) -> None:
-    palette = [
-        "#e41a1c",
-        "#ff7f00",
-        "#f781bf",
-        "#ffffff",
-        "#a65628",
-        "#984ea3",
-        "#e6ab02",
-        "#000000",
-    ]
+_SET_COLORS = ("#e41a1c", "#ff7f00", "#f781bf", "#ffffff", "#a65628", "#984ea3", "#e6ab02", "#000000")
+
+
+def _outline_sets(
+    axes,
+    share_sets: list[list[int]],
+    gid_prefix: str = SET_OUTLINE_GID,
+    palette: tuple[str, ...] = _SET_COLORS,
+) -> None:
     for number, members in enumerate(share_sets):
         color = palette[number % len(palette)]
         low, high = members[0], members[-1]

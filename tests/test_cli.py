@@ -16,7 +16,7 @@ import yaml
 from conftest import ROOT
 
 from sharelora_plugin.cli import main
-from sharelora_plugin.planning import SharePlan, make_plan, synthetic_similarity
+from sharelora_plugin.planning import SharePlan, load_per_sample, make_plan, synthetic_similarity
 
 CONFIGS = ROOT / "configs"
 PAPER_TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
@@ -305,7 +305,7 @@ def test_plan_config_calibrates_without_training(tmp_path, smollm2_dir, data_dir
     )
     cfg["datasets"][0]["path"] = str(data_dir / "chatterbot_en.jsonl")
     cfg["sharelora"]["calibration"].update(
-        path=str(data_dir / "lee_background.jsonl"), num_samples=8, max_length=32
+        path=str(data_dir / "lee_background.jsonl"), num_samples=8, max_length=32, min_samples=4, batch_size=4
     )
     config = tmp_path / "cfg.yml"
     config.write_text(yaml.safe_dump(cfg))
@@ -330,16 +330,23 @@ def test_plan_config_calibrates_without_training(tmp_path, smollm2_dir, data_dir
     assert result.returncode == 0, result.stderr[-3000:]
     plan = SharePlan.load(out_dir / "sharelora_plan.json")
     assert plan.num_layers == 30 and plan.threshold == 0.88 and plan.similarity is not None
-    assert plan.metadata["calibration"]["num_samples"] == 8
+    calibration = plan.metadata["calibration"]
+    assert (
+        calibration["num_samples_cap"] == 8 and 4 <= calibration["num_samples"] <= 8
+    )  # the demo stops when stable
     unit = per_layer_at_rank_1(576, 1536, 9, 3)
     assert plan.metadata["lora_params"] == 30 * 8 * unit
     assert plan.metadata["sharelora_params"] == plan.distinct_modules * plan.rank * unit
     assert plan.metadata["adapter"] == "sharelora" and plan.metadata["model"] == str(smollm2_dir)
     assert (out_dir / "sharelora_similarity.png").stat().st_size > 0
+    angular, _ = load_per_sample(out_dir / "sharelora_calibration.npz")
+    assert angular.shape == (plan.stability["num_samples"], 30, 30) and plan.stability["resamples"] == 200
+    assert "plan frequency" in result.stdout
     # Calibration only: no adapter, no checkpoints, nothing trained.
     leftovers = {p.name for p in out_dir.iterdir()} - {
         "sharelora_plan.json",
         "sharelora_similarity.png",
+        "sharelora_calibration.npz",
         "debug.log",
     }
     assert not leftovers, leftovers

@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import ROOT
+
+from sharelora_plugin.planning import load_per_sample
 
 pytestmark = pytest.mark.e2e
 
@@ -31,7 +34,11 @@ def write_config(path: Path, smollm2_dir: Path, data_dir: Path, output_dir: Path
     )
     cfg["datasets"][0]["path"] = str(data_dir / "chatterbot_en.jsonl")
     cfg["sharelora"]["calibration"].update(
-        path=str(data_dir / "lee_background.jsonl"), num_samples=16, max_length=64, batch_size=8
+        path=str(data_dir / "lee_background.jsonl"),
+        num_samples=16,
+        max_length=64,
+        batch_size=8,
+        min_samples=8,
     )
     for key, value in overrides.items():
         cfg[key] = value
@@ -101,12 +108,21 @@ def test_plan_written_with_params_and_heatmap(trained):
     assert meta["lora_params"] == 30 * per_layer
     assert meta["sharelora_params"] == plan["distinct_modules"] * per_layer
     assert meta["trainable_params"] == meta["sharelora_params"]
-    assert meta["calibration"]["num_samples"] == 16
+    # the recipe stops calibration once the plan is stable: after 8 or all 16 samples here
+    calibration = meta["calibration"]
+    assert calibration["stop_when_stable"] and calibration["num_samples_cap"] == 16
+    assert calibration["num_samples"] in (8, 16) and calibration["stop_reason"] in ("stable", "cap")
+    stability = plan["stability"]
+    assert stability["num_samples"] == calibration["num_samples"] and stability["resamples"] == 200
+    assert len(stability["set_frequency"]) == len(plan["share_sets"])
     assert (out / "sharelora_similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    angular, cosine = load_per_sample(out / "sharelora_calibration.npz")
+    assert angular.shape == cosine.shape == (calibration["num_samples"], 30, 30)
     for ckpt in ("checkpoint-2", "checkpoint-3"):
         assert (
             json.loads((out / ckpt / "sharelora_plan.json").read_text())["share_sets"] == plan["share_sets"]
         )
+        assert np.array_equal(load_per_sample(out / ckpt / "sharelora_calibration.npz")[0], angular)
 
 
 def test_ties_hold_after_training_and_weights_moved(trained):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -41,7 +42,9 @@ def block_samples(num_samples: int, blocks: list[list[int]], num_layers: int, se
 def test_well_separated_blocks_are_fully_stable():
     blocks = [[0, 1, 2], [3, 4], [5, 6, 7]]
     samples = block_samples(64, blocks, 8)
-    plan = plan_with_stability(samples, samples.mean(axis=0), metric="angular", threshold=0.85, bootstrap_seed=3)
+    plan = plan_with_stability(
+        samples, samples.mean(axis=0), metric="angular", threshold=0.85, bootstrap_seed=3
+    )
     assert plan.share_sets == blocks
     report = plan.stability
     assert report["plan_frequency"] == 1.0 and report["resamples"] == 200 and report["num_samples"] == 64
@@ -110,7 +113,12 @@ def test_manual_plan_reports_the_greedy_reference():
     blocks = [[0, 1, 2], [4, 5]]
     samples = block_samples(32, blocks, 6)
     plan = plan_with_stability(
-        samples, samples.mean(axis=0), metric="angular", strategy="manual", share_sets=[[0, 1], [3, 4]], threshold=0.85
+        samples,
+        samples.mean(axis=0),
+        metric="angular",
+        strategy="manual",
+        share_sets=[[0, 1], [3, 4]],
+        threshold=0.85,
     )
     report = plan.stability
     assert plan.share_sets == [[0, 1], [3, 4]] and report["reference_strategy"] == "greedy"
@@ -133,7 +141,13 @@ def test_robust_option_never_shares_a_pair_whose_lower_bound_misses_threshold():
         mean = samples.mean(axis=0)
         for strategy in ("greedy", "optimal"):
             plan = plan_with_stability(
-                samples, mean, metric="angular", strategy=strategy, threshold=0.85, confidence=0.9, bootstrap_seed=trial
+                samples,
+                mean,
+                metric="angular",
+                strategy=strategy,
+                threshold=0.85,
+                confidence=0.9,
+                bootstrap_seed=trial,
             )
             bound = np.asarray(plan.stability["lower_bound"])
             expected = lower_bound(resampled_means(samples, 200, trial), 0.9)
@@ -166,7 +180,9 @@ def test_options_are_refused_with_the_key():
     with pytest.raises(PlanError, match="confidence .*greedy or optimal"):
         plan_with_stability(samples, mean, metric="angular", strategy="alternate", confidence=0.9)
     with pytest.raises(PlanError, match="confidence and target_fraction"):
-        plan_with_stability(samples, mean, metric="angular", threshold=None, target_fraction=0.8, confidence=0.9)
+        plan_with_stability(
+            samples, mean, metric="angular", threshold=None, target_fraction=0.8, confidence=0.9
+        )
     with pytest.raises(PlanError, match="needs the bootstrap"):
         plan_with_stability(samples, mean, metric="angular", threshold=0.8, confidence=0.9, resamples=0)
     with pytest.raises(PlanError, match="bootstrap_resamples must be 0"):
@@ -192,6 +208,9 @@ def test_per_sample_file_round_trips(tmp_path):
     assert np.array_equal(loaded_cosine, cosine.astype(np.float32))
     with np.load(path) as data:
         assert sorted(data.files) == ["angular_distance", "cosine"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like a plain open(), not mkstemp's 0600
     sim = similarity_from_distances(loaded_angular, loaded_cosine, "angular")
     assert np.allclose(sim[:, 0, 1], 1 - loaded_angular[:, 0, 1]) and (sim[:, 2, 2] == 1).all()
 
@@ -307,3 +326,72 @@ def test_make_plan_lower_bound_shape_is_checked():
     sim = np.eye(3)
     with pytest.raises(PlanError, match="lower_bound"):
         make_plan(num_layers=3, similarity=sim, threshold=0.5, lower_bound=np.eye(4))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Seen, not only stored: the CLI, `show` and the heatmap
+
+
+def _saved_plan_with_samples(folder) -> SharePlan:
+    samples = block_samples(40, [[0, 1, 2], [3, 4], [6, 7]], 8, seed=6)
+    samples[:, 2, 3] = samples[:, 3, 2] = 0.86 + np.random.default_rng(1).normal(0, 0.03, 40)
+    angular = 1.0 - samples
+    cosine = np.cos(np.pi * angular)
+    angular32 = angular.astype(np.float32)
+    save_per_sample(folder / CALIBRATION_FILENAME, angular32, cosine)
+    sim = similarity_from_distances(angular32, cosine, "angular")
+    plan = plan_with_stability(sim, sim.mean(axis=0), metric="angular", threshold=0.85, bootstrap_seed=42)
+    plan.metadata["calibration"] = {"seed": 42, "num_samples": 40}
+    plan.save(folder / "sharelora_plan.json")
+    return plan
+
+
+def test_cli_plan_matrix_stability_reproduces_the_stored_report(tmp_path, capsys):
+    from sharelora_plugin.cli import main
+
+    plan = _saved_plan_with_samples(tmp_path)
+    matrix = ["plan", "--matrix", str(tmp_path / "sharelora_plan.json")]
+    assert main([*matrix, "--threshold", "0.85", "--stability", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["stability"] == plan.stability and again["share_sets"] == plan.share_sets
+
+    assert main([*matrix, "--threshold", "0.85,0.9", "--stability"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("plan frequency") >= 2 and "threshold=0.85" in out and "threshold=0.9" in out
+    assert "freq" in out and "margin [90% interval]" in out
+
+    assert main([*matrix, "--threshold", "0.85", "--confidence", "0.9", "--json"]) == 0
+    robust = json.loads(capsys.readouterr().out)
+    assert robust["stability"]["confidence"] == 0.9 and robust["stability"]["lower_bound"]
+
+    (tmp_path / CALIBRATION_FILENAME).unlink()
+    assert main([*matrix, "--stability"]) == 2
+    assert "per-sample calibration file not found" in capsys.readouterr().err
+    assert main([*matrix, "--resamples", "50"]) == 2
+    assert "need --stability" in capsys.readouterr().err
+
+
+def test_show_prints_frequencies_and_margins(tmp_path, capsys):
+    from sharelora_plugin.cli import main
+
+    plan = _saved_plan_with_samples(tmp_path)
+    assert main(["show", str(tmp_path / "sharelora_plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"plan frequency {plan.stability['plan_frequency']:.2f}" in out
+    first_margin = f"{plan.stability['margin'][0]:+.4f}"
+    assert first_margin in out and f"{plan.stability['set_frequency'][0]:.2f}" in out
+
+
+def test_heatmap_has_a_comembership_panel(tmp_path):
+    from sharelora_plugin.heatmap import heatmap_figure, save_heatmap
+
+    plan = _saved_plan_with_samples(tmp_path)
+    figure = heatmap_figure(plan)
+    images = [axes.images[0].get_array() for axes in figure.axes if axes.images]
+    assert len(images) == 2
+    assert np.allclose(images[1], np.asarray(plan.stability["comembership"]))
+    assert "co-membership" in figure.axes[2].get_title()
+    save_heatmap(plan, tmp_path / "heatmap.png")
+    assert (tmp_path / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    plain = make_plan(num_layers=8, similarity=plan.similarity, threshold=0.85)
+    assert len([axes for axes in heatmap_figure(plain).axes if axes.images]) == 1

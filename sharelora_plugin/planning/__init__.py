@@ -10,6 +10,7 @@ here can be tested on plain matrices. One module per job:
 * :mod:`.budget`      the threshold for a parameter budget
 * :mod:`.plan`        :class:`SharePlan`, its JSON file format, and :func:`make_plan`
 * :mod:`.stability`   bootstrap stability of a plan, the robust option and the stop-when-stable rule
+* :mod:`.atomic_file` writing plan and calibration files atomically
 """
 
 from sharelora_plugin.planning.budget import threshold_for_budget, threshold_for_params

@@ -6,14 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sharelora_plugin.planning.atomic_file import write_atomic
 from sharelora_plugin.planning.budget import threshold_for_budget
 from sharelora_plugin.planning.rules import (
     DATA_STRATEGIES,
@@ -213,20 +212,11 @@ class SharePlan:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan as pretty JSON (matrix rows on one line), atomically (temporary file + ``os.replace``)."""
-        path = Path(path)
         try:
             text = _pretty_json(self.to_dict()) + "\n"
         except TypeError as err:
             raise PlanError(f"plan metadata must be JSON-serialisable: {err}") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                out.write(text)
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        write_atomic(path, text.encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SharePlan:

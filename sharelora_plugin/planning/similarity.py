@@ -9,15 +9,16 @@ bootstrap resamples; they are written beside the plan by calibration.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sharelora_plugin.planning.atomic_file import write_atomic
 from sharelora_plugin.planning.rules import PlanError, check_metric, check_num_layers
 
 CALIBRATION_FILENAME = "sharelora_calibration.npz"
@@ -83,24 +84,16 @@ def similarity_from_distances(angular_distance: np.ndarray, cosine: np.ndarray, 
 
 def save_per_sample(path: str | os.PathLike, angular_distance: np.ndarray, cosine: np.ndarray) -> Path:
     """Write per-sample ``[N, L, L]`` angular distances and cosines as float32 ``sharelora_calibration.npz``
-    (atomically: a temporary file in the same folder, then ``os.replace``)."""
+    (atomically, see :func:`atomic_file.write_atomic`)."""
     angular_distance = np.asarray(angular_distance, dtype=np.float32)
     cosine = np.asarray(cosine, dtype=np.float32)
     if angular_distance.ndim != 3 or angular_distance.shape != cosine.shape:
         raise PlanError(
             f"per-sample matrices must both be [N, L, L]; got {angular_distance.shape} and {cosine.shape}"
         )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            np.savez_compressed(out, angular_distance=angular_distance, cosine=cosine)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, angular_distance=angular_distance, cosine=cosine)
+    return write_atomic(path, buffer.getvalue())
 
 
 def load_per_sample(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
