@@ -13,7 +13,9 @@ all 256 samples, then per ε the means and the machine-readable lines
     RATIO samples used / 256 at eps 0.90 = x.xx
     AGREEMENT stopped plan = full plan at eps 0.90 = y.yy
 
-It also prints the bootstrap stability of each full 256-sample plan (what `sharelora show` reports).
+It also prints the bootstrap stability of each full 256-sample plan (what `sharelora show` reports) and, as a
+check of what the bootstrap estimates, how often the plan of a random subset of 16/32/64/128 texts (20 subsets
+each) equals the 256-sample plan.
 """
 
 from __future__ import annotations
@@ -97,6 +99,19 @@ def replay(samples: np.ndarray, order: np.ndarray, options: dict) -> tuple[int, 
     return used, plan.share_sets
 
 
+def subset_agreement(
+    samples: np.ndarray, options: dict, full_sets: list[list[int]], size: int, draws: int
+) -> int:
+    """How many of ``draws`` random subsets of ``size`` samples give exactly the full plan's sets."""
+    rng = np.random.default_rng(size)
+    same = 0
+    for _ in range(draws):
+        taken = samples[rng.choice(samples.shape[0], size=size, replace=False)]
+        plan = plan_with_stability(taken, taken.mean(axis=0), **{**options, "resamples": 0})
+        same += plan.share_sets == full_sets
+    return same
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -147,6 +162,11 @@ def main() -> None:
         print(
             f"  samples used: mean {np.mean(used_counts):.0f}, min {min(used_counts)}, max {max(used_counts)}"
         )
+        agreement = [
+            f"{size}: {subset_agreement(samples, options, full.share_sets, size, 20)}/20"
+            for size in (16, 32, 64, 128)
+        ]
+        print("  random subsets whose plan equals the 256-sample plan: " + ", ".join(agreement))
         print(
             f"RATIO samples used / {samples.shape[0]} at eps {threshold:.2f} = {np.mean(used_counts) / samples.shape[0]:.2f}"
         )

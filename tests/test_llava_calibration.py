@@ -139,26 +139,66 @@ def test_clear_errors(model_and_processor, rows) -> None:
         multimodal.visual_text_batches(processor, text_only, batch_size=1, max_length=128)
 
 
-def test_run_calibration_takes_the_multimodal_branch(model_and_processor, tiny_llava: Path) -> None:
-    """The plugin's entry point with an Axolotl config: processor via axolotl.loaders.load_processor, the
-    training chat template (chat_template: llava), rows from the first training dataset."""
+def _axolotl_cfg(tiny_llava: Path, sharelora_block: dict):
+    """The Axolotl settings the tiny LLaVA recipe trains with, as far as calibration reads them."""
     from axolotl.utils.dict import DictDefault
-    from transformers import AutoTokenizer
 
-    model, _ = model_and_processor
     folder = str(tiny_llava / "model")
-    cfg = DictDefault(
+    return DictDefault(
         {
             "base_model": folder,
             "processor_config": folder,
             "processor_type": "AutoProcessor",
             "chat_template": "llava",
             "datasets": [{"path": str(tiny_llava / "data" / "train.jsonl"), "type": "chat_template"}],
-            "sharelora": {"calibration": {"num_samples": 6, "batch_size": 3, "max_length": 128}},
+            "sharelora": sharelora_block,
         }
     )
+
+
+def test_run_calibration_takes_the_multimodal_branch(model_and_processor, tiny_llava: Path) -> None:
+    """The plugin's entry point with an Axolotl config: processor via axolotl.loaders.load_processor, the
+    training chat template (chat_template: llava), rows from the first training dataset."""
+    from transformers import AutoTokenizer
+
+    model, _ = model_and_processor
+    folder = str(tiny_llava / "model")
+    cfg = _axolotl_cfg(tiny_llava, {"calibration": {"num_samples": 6, "batch_size": 3, "max_length": 128}})
     settings = workflow.sharelora_settings(cfg)
     result = workflow.run_calibration(model, AutoTokenizer.from_pretrained(folder), settings, cfg)
     assert result.settings["modality"] == "visual-text"
     assert result.settings["num_images"] == result.num_samples == 6
     assert result.num_layers == 30 and result.settings["layers_path"] == "model.language_model.layers"
+
+
+def test_visual_text_calibration_stops_when_stable(model_and_processor, tiny_llava: Path) -> None:
+    """Stop-when-stable with image+text samples: the rule is checked after every batch from min_samples on, the
+    images counted are those of the batches that ran, and the plan carries the bootstrap of the samples used."""
+    from transformers import AutoTokenizer
+
+    model, _ = model_and_processor
+    folder = str(tiny_llava / "model")
+    block = {
+        "threshold": 0.9,
+        "calibration": {
+            "num_samples": 8,
+            "batch_size": 2,
+            "max_length": 128,
+            "stop_when_stable": True,
+            "min_samples": 4,
+            "stability": 0.9,
+            "bootstrap_resamples": 50,
+        },
+    }
+    cfg = _axolotl_cfg(tiny_llava, block)
+    settings = workflow.sharelora_settings(cfg)
+    result = workflow.run_calibration(model, AutoTokenizer.from_pretrained(folder), settings, cfg)
+    info = result.settings
+    assert info["modality"] == "visual-text" and info["stop_when_stable"] and info["num_samples_cap"] == 8
+    assert [check["num_samples"] for check in info["stability_checks"]] == list(
+        range(4, result.num_samples + 1, 2)
+    )
+    assert info["num_images"] == result.num_samples == result.per_sample_angular.shape[0]
+    assert (info["stop_reason"] == "stable") == (info["stability_checks"][-1]["plan_frequency"] >= 0.9)
+    plan = workflow.plan_from_calibration(result, settings, 8)
+    assert plan.stability["num_samples"] == result.num_samples and plan.stability["resamples"] == 50

@@ -395,3 +395,64 @@ def test_heatmap_has_a_comembership_panel(tmp_path):
     assert (tmp_path / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     plain = make_plan(num_layers=8, similarity=plan.similarity, threshold=0.85)
     assert len([axes for axes in heatmap_figure(plain).axes if axes.images]) == 1
+
+
+def test_stop_rule_with_target_fraction_replans_each_resample():
+    # three tight pairs: 5 distinct modules of 8 (fraction 0.625) is the largest fraction within 0.65, and every
+    # resample finds its own ε for exactly that plan
+    samples = block_samples(48, [[0, 1], [2, 3], [4, 5]], 8, seed=8)
+    options = {
+        "metric": "angular",
+        "strategy": "greedy",
+        "threshold": None,
+        "target_fraction": 0.65,
+        "resamples": 40,
+    }
+    stopper = StopWhenStable(plan_options=options, min_samples=16, target=0.95)
+    assert stopper(samples[:16].mean(axis=0), samples[:16])
+    assert stopper.checks == [{"num_samples": 16, "plan_frequency": 1.0}]
+
+
+@pytest.mark.parametrize(("cap", "expected"), [(24, "cap"), (60, "exhausted")])
+def test_calibration_that_never_settles_stops_at_the_cap_or_when_samples_run_out(
+    cap, expected, smollm2_dir, tmp_path
+):
+    """A threshold placed exactly on the top pair's mean similarity keeps the plan a coin flip, so the rule never
+    fires; the run ends at the cap (24 of 40 rows) or when the 40 rows run out (cap 60)."""
+    from transformers import AutoTokenizer
+
+    from sharelora_plugin.args import ShareLoRAConfig
+    from sharelora_plugin.workflow import run_calibration
+
+    rows = [
+        {"text": f"sample {k}: " + " ".join(["alpha", "beta", "gamma"][: 1 + k % 3] * (1 + k % 4))}
+        for k in range(40)
+    ]
+    path = tmp_path / "texts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    model = tiny_llama(num_layers=5, hidden=32, vocab_size=49152)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    used = min(cap, 40)
+    probe = ShareLoRAConfig(
+        calibration={"path": str(path), "num_samples": used, "batch_size": 4}
+    ).model_dump()
+    probe["calibration"]["stop_when_stable"] = False
+    reference = run_calibration(model, tokenizer, probe, {"base_model": "tiny"})
+    sim = reference.similarity("angular")
+    upper = np.triu_indices(5, k=1)
+    threshold = float(sim[upper].max())
+    settings = ShareLoRAConfig(
+        threshold=threshold,
+        calibration={
+            "path": str(path),
+            "num_samples": cap,
+            "batch_size": 4,
+            "stop_when_stable": True,
+            "min_samples": used,  # one check, on all the samples the run will see
+            "stability": 0.95,
+        },
+    ).model_dump()
+    result = run_calibration(model, tokenizer, settings, {"base_model": "tiny"})
+    info = result.settings
+    assert info["stop_reason"] == expected and result.num_samples == used and not result.stopped_early
+    assert len(info["stability_checks"]) == 1 and info["stability_checks"][0]["plan_frequency"] < 0.95
