@@ -56,6 +56,8 @@ class CalibrationResult:
     per_sample_angular: np.ndarray | None = None
     per_sample_cosine: np.ndarray | None = None
     stopped_early: bool = False
+    layer_kinds: list[int] | None = None  # set by the caller when the layer list mixes kinds
+    layer_kind_descriptions: list[str] | None = None
 
     @property
     def num_layers(self) -> int:

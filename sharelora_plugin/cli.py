@@ -634,6 +634,9 @@ def _plan_from_matrix(args: argparse.Namespace) -> int:
         "rank": base_rank,
         "rank_expansion": _rank_expansion(args) or False,
         "target_fraction": args.target_fraction,
+        # a plan made for a model whose layer list mixes kinds keeps its sets within one kind
+        "layer_kinds": source.get("layer_kinds"),
+        "layer_kind_descriptions": source.get("layer_kind_descriptions"),
     }
     samples = None
     if args.stability or args.confidence is not None:
@@ -841,7 +844,9 @@ def _plan_from_config(args: argparse.Namespace) -> int:
         )
         sweep: list[SharePlan] = []
         if len(thresholds) > 1 and plan.similarity is not None:
-            options = workflow.plan_options(cfg["sharelora"], base_rank)
+            options = workflow.plan_options(
+                cfg["sharelora"], base_rank, plan.layer_kinds, plan.layer_kind_descriptions
+            )
             options["target_fraction"] = None
             for threshold in thresholds:
                 options["threshold"] = threshold

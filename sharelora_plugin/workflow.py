@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sharelora_plugin.calibration import CalibrationResult, calibrate, text_batches
+from sharelora_plugin.layer_kinds import layer_kinds
 from sharelora_plugin.layers import find_decoder_layers
 from sharelora_plugin.multimodal import (
     calibration_image_roots,
@@ -32,6 +33,7 @@ from sharelora_plugin.planning import (
     save_per_sample,
     similarity_from_distances,
 )
+from sharelora_plugin.planning.rules import check_layer_kinds
 
 LOG = logging.getLogger("axolotl.integrations.sharelora")
 
@@ -150,11 +152,19 @@ def rows_to_texts(rows: list[dict], tokenizer, settings: dict) -> list[str]:
     return [t for t in texts if t.strip()]
 
 
-def plan_options(settings: dict, base_rank: int) -> dict[str, Any]:
-    """Keyword arguments of :func:`~sharelora_plugin.planning.plan_with_stability` from the ``sharelora:`` block:
-    the plan itself and, after every stop-when-stable check, the plan so far are made with exactly these."""
+def plan_options(
+    settings: dict,
+    base_rank: int,
+    layer_kinds: list[int] | None = None,
+    layer_kind_descriptions: list[str] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of :func:`~sharelora_plugin.planning.plan_with_stability` from the ``sharelora:`` block
+    (and the model's layer kinds when its layer list mixes them): the plan itself and, after every stop-when-stable
+    check, the plan so far are made with exactly these."""
     cal = settings["calibration"]
     return {
+        "layer_kinds": layer_kinds,
+        "layer_kind_descriptions": layer_kind_descriptions,
         "metric": settings["metric"],
         "strategy": settings["strategy"],
         "threshold": settings["threshold"],
@@ -182,6 +192,12 @@ def run_calibration(model, tokenizer, settings: dict, cfg: Any, base_rank: int =
     rows, source = load_calibration_rows(settings, cfg)
     cal = settings["calibration"]
     stop_when_stable = bool(cal["stop_when_stable"])
+    kinds = layer_kinds(find_decoder_layers(model, settings["layers_path"]).layers)
+    if not kinds.uniform:
+        LOG.info(
+            "ShareLoRA: the decoder layers are of %d kinds; sets form within one kind",
+            len(kinds.descriptions),
+        )
     modality = "text"
     if is_multimodal(model):
         modality = "visual-text"
@@ -211,7 +227,12 @@ def run_calibration(model, tokenizer, settings: dict, cfg: Any, base_rank: int =
     should_stop = None
     if stop_when_stable:
         stopper = StopWhenStable(
-            plan_options=plan_options(settings, base_rank),
+            plan_options=plan_options(
+                settings,
+                base_rank,
+                None if kinds.uniform else kinds.kinds,
+                None if kinds.uniform else kinds.descriptions,
+            ),
             min_samples=cal["min_samples"],
             target=cal["stability"],
         )
@@ -240,6 +261,8 @@ def run_calibration(model, tokenizer, settings: dict, cfg: Any, base_rank: int =
         expected_samples=available,
         should_stop=should_stop,
     )
+    if not kinds.uniform:
+        result.layer_kinds, result.layer_kind_descriptions = kinds.kinds, kinds.descriptions
     result.settings = {
         "source": source,
         "modality": modality,
@@ -290,7 +313,7 @@ def run_calibration(model, tokenizer, settings: dict, cfg: Any, base_rank: int =
 def plan_from_calibration(result: CalibrationResult, settings: dict, base_rank: int) -> SharePlan:
     """Turn a calibration result into a plan with the configured strategy, with its bootstrap stability report
     when the result carries per-sample matrices (and ``bootstrap_resamples`` is not 0)."""
-    options = plan_options(settings, base_rank)
+    options = plan_options(settings, base_rank, result.layer_kinds, result.layer_kind_descriptions)
     similarity = result.similarity(settings["metric"])
     if result.per_sample_angular is not None and result.num_samples >= 2:
         samples = similarity_from_distances(
@@ -312,13 +335,21 @@ def plan_from_calibration(result: CalibrationResult, settings: dict, base_rank: 
 def check_plan_fits(
     plan: SharePlan, model, settings: dict, source: str, base_rank: int | None = None
 ) -> None:
-    """Refuse a saved plan made for another model or another LoRA rank."""
-    num_layers = len(find_decoder_layers(model, settings["layers_path"]))
+    """Refuse a saved plan made for another model or another LoRA rank, or one whose sets join layers of two
+    kinds in this model (dense and MoE layers, cross- and self-attention layers)."""
+    decoder = find_decoder_layers(model, settings["layers_path"])
+    num_layers = len(decoder)
     if plan.num_layers != num_layers:
         raise PlanError(
             f"{source}: the plan is for {plan.num_layers} decoder layers but this model has {num_layers}; "
             "make a plan for this model (`sharelora plan --config …`) or remove sharelora.plan_file"
         )
+    kinds = layer_kinds(decoder.layers)
+    if not kinds.uniform:
+        try:
+            check_layer_kinds(kinds.kinds, num_layers, plan.share_sets, name="this model's layer kinds")
+        except PlanError as err:
+            raise PlanError(f"{source}: {err}") from None
     if base_rank is not None and plan.base_rank != base_rank:
         raise PlanError(
             f"{source}: the plan was made for lora_r={plan.base_rank} (rank {plan.rank} after expansion) but "

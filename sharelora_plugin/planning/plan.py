@@ -20,6 +20,7 @@ from sharelora_plugin.planning.rules import (
     DEFAULT_THRESHOLD,
     PlanError,
     check_contiguous,
+    check_layer_kinds,
     check_metric,
     check_num_layers,
     check_planning_options,
@@ -45,9 +46,30 @@ from sharelora_plugin.planning.strategies import (
     greedy_share_sets,
     optimal_share_sets,
     random_adjacent_share_sets,
+    separate_kinds,
 )
 
 FORMAT_VERSION = 1
+
+
+def kinds_line(layer_kinds: Sequence[int], descriptions: Sequence[str] | None) -> str:
+    """One line naming the layer kinds of a model whose layer list mixes them (sets form within one kind)."""
+    parts = []
+    for kind in sorted(set(layer_kinds)):
+        members = [layer for layer, value in enumerate(layer_kinds) if value == kind]
+        label = descriptions[kind] if descriptions and kind < len(descriptions) else f"kind {kind}"
+        parts.append(f"{label}: layers {_format_runs(members)}")
+    return "layer kinds (sets only within one kind; layers of a kind alone cannot share): " + "; ".join(parts)
+
+
+def _format_runs(layers: Sequence[int]) -> str:
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
 def stability_line(stability: dict) -> str:
@@ -94,6 +116,8 @@ class SharePlan:
     target_fraction: float | None = None
     constraint_enforced: bool = True
     constraint_satisfied: bool | None = None
+    layer_kinds: list[int] | None = None
+    layer_kind_descriptions: list[str] | None = None
     stability: dict | None = None
     metadata: dict = field(default_factory=dict)
 
@@ -124,6 +148,13 @@ class SharePlan:
             raise PlanError(f"seed must be an integer or null; got {self.seed!r}")
         self.target_fraction = check_target_fraction(self.target_fraction)
         check_contiguous(self.strategy, self.contiguous)
+        self.layer_kinds = check_layer_kinds(self.layer_kinds, self.num_layers, self.share_sets)
+        if self.layer_kind_descriptions is not None and (
+            self.layer_kinds is None
+            or not isinstance(self.layer_kind_descriptions, list)
+            or len(self.layer_kind_descriptions) != max(self.layer_kinds) + 1
+        ):
+            raise PlanError("layer_kind_descriptions must hold one text per layer kind, beside layer_kinds")
         if self.stability is not None and not isinstance(self.stability, dict):
             raise PlanError(f"stability must be a mapping or null; got {type(self.stability).__name__}")
         if not isinstance(self.metadata, dict):
@@ -263,6 +294,8 @@ class SharePlan:
             f"(saved {self.layers_saved}, covered {self.layers_covered}); rank {self.base_rank} -> {self.rank}; "
             f"LoRA parameter fraction {self.param_fraction:.4f}"
         )
+        if self.layer_kinds is not None:
+            lines.append(kinds_line(self.layer_kinds, self.layer_kind_descriptions))
         if stability:
             lines.append(stability_line(stability))
         return "\n".join(lines)
@@ -332,14 +365,17 @@ def choose_share_sets(
     rank: int = 8,
     rank_expansion: bool | int = False,
     lower_bound: np.ndarray | None = None,
+    layer_kinds: Sequence[int] | None = None,
     time_limit: float = DEFAULT_OPTIMAL_TIME_LIMIT_S,
 ) -> tuple[list[list[int]], float]:
     """Share sets of a data strategy (greedy or optimal) on a validated matrix, and the threshold used.
 
     ``target_fraction`` picks the threshold with :func:`threshold_for_budget` (and overrides ``threshold``);
-    ``lower_bound`` applies the robust option (:func:`evidence_similarity`). This is the one function both
-    :func:`make_plan` and the bootstrap call, so a resample is planned exactly like the plan itself.
+    ``lower_bound`` applies the robust option (:func:`evidence_similarity`); ``layer_kinds`` keeps every set within
+    one kind. This is the one function both :func:`make_plan` and the bootstrap call, so a resample is planned
+    exactly like the plan itself.
     """
+    similarity = separate_kinds(similarity, layer_kinds)
     if target_fraction is not None:
         threshold = threshold_for_budget(
             similarity,
@@ -375,6 +411,8 @@ def make_plan(
     rank_expansion: bool | int = False,
     target_fraction: float | None = None,
     lower_bound: Any = None,
+    layer_kinds: Any = None,
+    layer_kind_descriptions: list[str] | None = None,
     time_limit: float = DEFAULT_OPTIMAL_TIME_LIMIT_S,
 ) -> SharePlan:
     """Build a :class:`SharePlan` with one of :data:`STRATEGIES`.
@@ -387,6 +425,10 @@ def make_plan(
     * ``random``: ShareLoRA* — random adjacent sets with the saving and set count of ``random_like``, or else of the
       greedy plan at ``threshold`` (or ``target_fraction``) on ``similarity``; ``seed`` makes it reproducible.
     * ``alternate``: ``[[0, 1], [2, 3], ...]``.
+
+    ``layer_kinds`` (one kind id per layer, see :mod:`sharelora_plugin.layer_kinds`) keeps every set of every
+    strategy within one kind: greedy/optimal never pair layers of different kinds, random draws again until its
+    sets fit, alternate leaves out pairs of two kinds, and manual sets across kinds are refused.
 
     ``rank_expansion``: ``False`` keeps ``rank``, ``True`` applies :func:`expanded_rank`, an int is the final rank.
     Only greedy/optimal enforce eq. 3; for the others ``constraint_satisfied`` records whether the sets happen to
@@ -403,6 +445,10 @@ def make_plan(
     if lower_bound is not None:
         check_robust(strategy, target_fraction)
     base_rank = check_rank(rank)
+    kinds = check_layer_kinds(layer_kinds, num_layers)
+    if kinds is not None and len(set(kinds)) == 1:
+        kinds = None  # one kind: nothing to separate
+        layer_kind_descriptions = None
     sim = None
     if similarity is not None:
         sim = validate_similarity(similarity)
@@ -433,12 +479,14 @@ def make_plan(
             rank=base_rank,
             rank_expansion=rank_expansion,
             lower_bound=bound,
+            layer_kinds=kinds,
             time_limit=time_limit,
         )
     elif strategy == "manual":
         if share_sets is None:
             raise PlanError("strategy 'manual' needs share_sets, e.g. [[16, 17], [18, 19, 20]]")
         sets = validate_share_sets(share_sets, num_layers)
+        check_layer_kinds(kinds, num_layers, sets, name="share_sets vs layer kinds")
     elif strategy == "random":
         if random_like is not None:
             if random_like.num_layers != num_layers:
@@ -458,6 +506,7 @@ def make_plan(
                 target_fraction=target_fraction,
                 rank=base_rank,
                 rank_expansion=rank_expansion,
+                layer_kinds=kinds,
                 time_limit=time_limit,
             )
         else:
@@ -465,11 +514,11 @@ def make_plan(
                 "strategy 'random' needs random_like (a plan to match) or a similarity matrix and threshold"
             )
         sets = random_adjacent_share_sets(
-            num_layers, layers_saved(reference), seed, num_sets=len(reference) or None
+            num_layers, layers_saved(reference), seed, num_sets=len(reference) or None, layer_kinds=kinds
         )
         plan_seed = int(seed)
     else:
-        sets = alternate_share_sets(num_layers)
+        sets = alternate_share_sets(num_layers, kinds)
 
     enforced = strategy in DATA_STRATEGIES
     satisfied = None
@@ -489,4 +538,6 @@ def make_plan(
         target_fraction=None if target_fraction is None else float(target_fraction),
         constraint_enforced=enforced,
         constraint_satisfied=satisfied,
+        layer_kinds=kinds,
+        layer_kind_descriptions=None if kinds is None else layer_kind_descriptions,
     )

@@ -218,3 +218,27 @@ def check_share_sets(
             clean.append(layer)
         result.append(sorted(clean))
     return sorted(result)
+
+
+def check_layer_kinds(
+    layer_kinds: Any, num_layers: int, share_sets: Any = (), name: str = "layer_kinds"
+) -> list[int] | None:
+    """``None`` (every layer alike) or one non-negative integer kind per layer; every share set must lie within one
+    kind (layers of different kinds have different LoRA targets or shapes and cannot share modules)."""
+    if layer_kinds is None:
+        return None
+    if isinstance(layer_kinds, str | bytes) or not isinstance(layer_kinds, Sequence):
+        raise PlanError(f"{name} must be a list with one kind id per layer; got {layer_kinds!r}")
+    kinds = list(layer_kinds)
+    if len(kinds) != num_layers or not all(is_int(kind) and kind >= 0 for kind in kinds):
+        raise PlanError(f"{name} must hold {num_layers} non-negative integers (one per layer); got {kinds!r}")
+    kinds = [int(kind) for kind in kinds]
+    for members in share_sets or ():
+        found = sorted({kinds[layer] for layer in members})
+        if len(found) > 1:
+            by_kind = ", ".join(f"layer {layer} is kind {kinds[layer]}" for layer in members)
+            raise PlanError(
+                f"share set {list(members)} mixes layer kinds ({by_kind}); layers of different kinds have different "
+                "LoRA targets or shapes and cannot share modules: keep each set within one kind"
+            )
+    return kinds

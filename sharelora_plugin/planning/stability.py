@@ -97,6 +97,7 @@ def stability_report(
     rank_expansion: bool | int = False,
     confidence: float | None = None,
     bound: np.ndarray | None = None,
+    layer_kinds: Sequence[int] | None = None,
     time_limit: float = DEFAULT_OPTIMAL_TIME_LIMIT_S,
 ) -> dict[str, Any]:
     """The ``stability`` block of a plan whose sets are ``share_sets``, from resampled ``means`` (see
@@ -119,6 +120,7 @@ def stability_report(
         "rank": rank,
         "rank_expansion": rank_expansion,
         "lower_bound": bound if own else None,
+        "layer_kinds": layer_kinds,
         "time_limit": time_limit,
     }
     if not own:
@@ -180,6 +182,8 @@ def plan_with_stability(
     confidence: float | None = None,
     resamples: int = DEFAULT_RESAMPLES,
     bootstrap_seed: int = 0,
+    layer_kinds: Sequence[int] | None = None,
+    layer_kind_descriptions: list[str] | None = None,
     time_limit: float = DEFAULT_OPTIMAL_TIME_LIMIT_S,
 ) -> SharePlan:
     """:func:`make_plan` on the mean ``similarity`` plus its bootstrap report over ``samples`` (``[N, L, L]``
@@ -219,6 +223,8 @@ def plan_with_stability(
         rank_expansion=rank_expansion,
         target_fraction=target_fraction,
         lower_bound=bound,
+        layer_kinds=layer_kinds,
+        layer_kind_descriptions=layer_kind_descriptions,
         time_limit=time_limit,
     )
     if means is not None and plan.threshold is not None:
@@ -237,6 +243,7 @@ def plan_with_stability(
             rank_expansion=rank_expansion,
             confidence=confidence,
             bound=bound,
+            layer_kinds=plan.layer_kinds,
             time_limit=time_limit,
         )
     return plan

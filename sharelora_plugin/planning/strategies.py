@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -222,12 +223,18 @@ def optimal_share_sets(
 
 
 def random_adjacent_share_sets(
-    num_layers: int, layers_saved: int, seed: int, num_sets: int | None = None
+    num_layers: int,
+    layers_saved: int,
+    seed: int,
+    num_sets: int | None = None,
+    layer_kinds: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Random disjoint sets of adjacent layers saving exactly ``layers_saved`` modules (the paper's ShareLoRA*).
 
     ``num_sets`` fixes how many sets (else drawn uniformly from what is feasible). Set sizes are a uniform random
     composition of the saving, placed in random order with random gaps (sets may touch). Deterministic per seed.
+    With ``layer_kinds`` (one kind id per layer) draws are repeated from the same generator until every set lies
+    within one kind (the first draw is the one without kinds, so uniform models get the same sets).
     """
     num_layers = check_num_layers(num_layers)
     if not is_int(layers_saved) or not 0 <= layers_saved <= num_layers - 1:
@@ -244,16 +251,31 @@ def random_adjacent_share_sets(
             )
         return []
     most_sets = min(saved, num_layers - saved)  # every set saves >= 1 and covers saving + 1 layers
-    rng = np.random.default_rng(seed)
-    if num_sets is None:
-        count = int(rng.integers(1, most_sets + 1))
-    elif not is_int(num_sets) or not 1 <= num_sets <= most_sets:
+    if num_sets is not None and (not is_int(num_sets) or not 1 <= num_sets <= most_sets):
         raise PlanError(
             f"num_sets={num_sets!r} is impossible for layers_saved={saved} on {num_layers} layers; "
             f"valid: 1..{most_sets}"
         )
-    else:
-        count = int(num_sets)
+    rng = np.random.default_rng(seed)
+    for _ in range(_RANDOM_ATTEMPTS):
+        sets = _draw_adjacent_sets(rng, num_layers, saved, most_sets, num_sets)
+        if layer_kinds is None or all(
+            len({layer_kinds[layer] for layer in members}) == 1 for members in sets
+        ):
+            return sets
+    raise PlanError(
+        f"no random adjacent sets saving {saved} layers fit within one layer kind after {_RANDOM_ATTEMPTS} draws "
+        "(runs of same-kind layers are too short); save fewer layers or give share_sets (strategy manual)"
+    )
+
+
+_RANDOM_ATTEMPTS = 10_000
+
+
+def _draw_adjacent_sets(
+    rng: np.random.Generator, num_layers: int, saved: int, most_sets: int, num_sets: int | None
+) -> list[list[int]]:
+    count = int(rng.integers(1, most_sets + 1)) if num_sets is None else int(num_sets)
     # Sizes - 1 form a composition of `saved` into `count` positive parts.
     cuts = (
         np.sort(rng.choice(np.arange(1, saved), size=count - 1, replace=False)) if count > 1 else np.array([])
@@ -273,7 +295,19 @@ def random_adjacent_share_sets(
     return sets
 
 
-def alternate_share_sets(num_layers: int) -> list[list[int]]:
-    """The paper's naive share: each odd layer uses the modules of the even layer below it, ``[[0, 1], [2, 3], ...]``."""
+def separate_kinds(sim: np.ndarray, layer_kinds: Sequence[int] | None) -> np.ndarray:
+    """``sim`` with every pair of layers of different kinds set to -1, so no threshold in (0, 1] shares them."""
+    if layer_kinds is None:
+        return sim
+    kinds = np.asarray(layer_kinds)
+    return np.where(kinds[:, None] == kinds[None, :], sim, -1.0)
+
+
+def alternate_share_sets(num_layers: int, layer_kinds: Sequence[int] | None = None) -> list[list[int]]:
+    """The paper's naive share: each odd layer uses the modules of the even layer below it, ``[[0, 1], [2, 3], ...]``;
+    with ``layer_kinds``, a pair of two different kinds is left out."""
     num_layers = check_num_layers(num_layers)
-    return [[layer, layer + 1] for layer in range(0, num_layers - 1, 2)]
+    pairs = [[layer, layer + 1] for layer in range(0, num_layers - 1, 2)]
+    if layer_kinds is None:
+        return pairs
+    return [pair for pair in pairs if layer_kinds[pair[0]] == layer_kinds[pair[1]]]
