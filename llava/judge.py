@@ -13,17 +13,21 @@ Protocol (upstream LLaVA ``llava/eval/eval_gpt_review_bench.py``, kept as-is whe
 Where this script differs from upstream, on purpose:
 
 * Inputs are joined on ``question_id`` (upstream zips files line by line); missing or extra ids are logged and only
-  the intersection is judged.
-* A reply that does not parse is asked again (a fresh call) up to ``--max-parse-retries`` times, then written as a
-  failure line (``scores: null``). Upstream writes ``[-1, -1]``, which then drags the mean down;
-  ``summarize.py`` excludes failures and reports their count.
+  the intersection is judged. ``--answer-list`` takes exactly two files (upstream takes one or more and uses the
+  first two).
+* A reply that does not parse, or a 200 whose body is not a chat completion, is asked again (a fresh call) up to
+  ``--max-parse-retries`` times; then a reply without scores is written as a failure line (``scores: null``).
+  Upstream writes ``[-1, -1]``, which then drags the mean down; ``summarize.py`` excludes failures and reports
+  their count (``--upstream-scoring`` averages them in as upstream does).
 * ``--repeats N`` independent judgements of every question, one review line per (repeat, question_id).
-* Transport faults (429, 5xx, timeouts, dropped connections, a 200 whose body is not a chat completion) are retried
-  with exponential backoff and jitter, honouring ``Retry-After``; the openai client's own retries are off so that
-  the count and the sleeps are ours. A question whose retries run out gets no line (a rerun redoes it) and the run
-  exits with status 1.
-* Resumable: each review is one appended, fsync'ed JSONL line. On start, a partial or corrupt line (a crash or
-  ``kill -9`` mid-write) and duplicates are removed from the file, and what is already there is skipped.
+* Transport faults are retried by the openai client (``max_retries`` = ``--max-retries``, ``timeout`` =
+  ``--timeout``): 408, 409, 429 and 5xx after ``Retry-After``/``retry-after-ms`` when the server sends one of at
+  most 120 s, else after 0.5 s doubling up to 8 s with jitter; timeouts and dropped connections alike. A question
+  whose retries run out gets no line (a rerun redoes it) and the run exits with status 1.
+* Resumable: each review is one appended, fsync'ed JSONL line, each (repeat, question_id) exactly once. On start,
+  a last line cut short by a crash (``kill -9`` mid-write) is cut off and what is already there is skipped. An
+  ``--output`` holding any line that is not one of ours (an upstream review file, say) is refused and left as it
+  was: the judge never drops, rewrites or re-permissions lines it did not write.
 * The API key is read from ``OPENAI_API_KEY`` only and is never printed or written.
 
 Run ``python llava/judge.py --help`` for the options.
@@ -36,16 +40,13 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import sys
 import threading
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared JSONL module beside this script
-from resumable_jsonl import JsonlAppender, recover_jsonl  # noqa: E402
+from resumable_jsonl import ForeignFileError, JsonlAppender, resume_own_jsonl  # noqa: E402
 
 LOG = logging.getLogger("llava.judge")
 
@@ -67,8 +68,6 @@ DEFAULT_MODEL = "gpt-4o-2024-08-06"
 RULE_PREFIX = "llava_bench_"
 # Placeholder key for OpenAI-compatible servers that need none (vLLM, llama.cpp, ...).
 PLACEHOLDER_KEY = "EMPTY"
-# Status codes worth asking again: request timeout, conflict, too early, rate limit, server errors.
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 # The key is wrong or the model does not exist: every further call would fail the same way.
 FATAL_STATUS = frozenset({401, 403, 404})
 
@@ -91,6 +90,15 @@ class TransportError(RuntimeError):
 
 class SkippedError(TransportError):
     """Not asked at all, because an earlier call failed in a way every call would."""
+
+
+class MalformedReplyError(ValueError):
+    """A 200 whose body is not a chat completion (a proxy's error page, say); it is asked again like a reply
+    without scores, since the openai client does not retry a 200."""
+
+    def __init__(self, message: str, *, transport_retries: int) -> None:
+        super().__init__(message)
+        self.transport_retries = transport_retries
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -128,16 +136,6 @@ class JudgeReply:
     finish_reason: str | None
     usage: dict[str, int] | None
     transport_retries: int
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounds on asking again: transport retries per call, parse retries per review, and backoff sleeps."""
-
-    max_retries: int = 6
-    max_parse_retries: int = 3
-    backoff_base: float = 1.0
-    max_backoff: float = 60.0
 
 
 @dataclass
@@ -336,46 +334,61 @@ def parse_score(review: str | None) -> tuple[float, float] | None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Talking to the judge
+# Review lines: the one validator that judge.py (resuming) and summarize.py (reading) share
 # --------------------------------------------------------------------------------------------------------------
 
+# Every review line starts with this (``question_id`` is the first key judge_item writes); a last line without
+# its newline that starts so is a write cut short by a crash.
+REVIEW_LINE_START = b'{"question_id": '
 
-def retry_after_seconds(headers: Mapping[str, str] | None, now: datetime | None = None) -> float | None:
-    """Seconds the server asked us to wait: ``retry-after-ms``, or ``Retry-After`` as seconds or an HTTP-date."""
-    if not headers:
+
+def valid_scores(scores: Any) -> tuple[float, float] | None:
+    """(reference, model) from a review's scores, or None unless they are exactly two finite numbers.
+
+    Strict on purpose: booleans (``true`` is an int to Python), strings, NaN and infinities are not scores.
+    """
+    if not isinstance(scores, list | tuple) or len(scores) != 2:
         return None
-    value = headers.get("retry-after-ms")
-    if value is not None:
+    values = []
+    for score in scores:
+        if isinstance(score, bool) or not isinstance(score, int | float):
+            return None
         try:
-            seconds = float(value) / 1000.0
-            if math.isfinite(seconds):
-                return max(0.0, seconds)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+            value = float(score)
+        except OverflowError:  # an integer too large for a float
+            return None
+        if not math.isfinite(value):
+            return None
+        values.append(value)
+    return values[0], values[1]
 
 
-def backoff_delay(retry: int, policy: RetryPolicy, retry_after: float | None = None) -> float:
-    """Sleep before retry number ``retry`` (0-based): the server's Retry-After when given, else exponential
-    backoff with jitter (a random half to full ``backoff_base * 2**retry``); never more than ``max_backoff``."""
-    if retry_after is not None:
-        return min(policy.max_backoff, retry_after)
-    ceiling = min(policy.max_backoff, policy.backoff_base * (2**retry))
-    return random.uniform(ceiling / 2, ceiling)
+def is_review_line(record: Any) -> bool:
+    """Whether ``record`` is a review line as :func:`judge_item` writes it: ``question_id``, a ``repeat`` that
+    is an int ≥ 0, a string ``category`` and ``scores`` that are null (a failure) or :func:`valid_scores`."""
+    if not isinstance(record, dict) or "question_id" not in record or "scores" not in record:
+        return False
+    repeat = record.get("repeat")
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 0:
+        return False
+    if not isinstance(record.get("category"), str):
+        return False
+    return record["scores"] is None or valid_scores(record["scores"]) is not None
+
+
+def explain_foreign_line(record: Any) -> str:
+    """Why ``record`` is not a review line, in words for the person whose ``--output`` it is."""
+    if isinstance(record, dict) and "tuple" in record and "scores" not in record:
+        return (
+            "an upstream LLaVA review line (eval_gpt_review_bench.py's 'tuple' format), not one of judge.py's; "
+            "summarize it with `python llava/summarize.py FILE`"
+        )
+    return "not a judge.py review line (needs question_id, an int repeat >= 0, a string category and scores)"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Talking to the judge
+# --------------------------------------------------------------------------------------------------------------
 
 
 def _usage(raw: Any) -> dict[str, int] | None:
@@ -427,48 +440,27 @@ def _describe(error: BaseException) -> str:
 
 
 def request_judgement(
-    client: openai.OpenAI,
-    messages: list[dict[str, str]],
-    *,
-    model: str,
-    max_tokens: int,
-    policy: RetryPolicy,
-    label: str = "",
+    client: openai.OpenAI, messages: list[dict[str, str]], *, model: str, max_tokens: int, label: str = ""
 ) -> JudgeReply:
-    """One chat completion, retrying transport faults at most ``policy.max_retries`` times.
+    """One chat completion; transport faults are retried by the openai client (``client.max_retries``).
 
-    Retried: 408/409/425/429 and 5xx (after ``Retry-After`` when the server sends it), timeouts, connection
-    errors and 200 replies whose body is not a chat completion. Other statuses raise :class:`TransportError`
-    at once (401/403/404 marked fatal, since every other call would fail the same way).
+    Raises :class:`TransportError` when the client gives up or gets a status it does not retry (401/403/404
+    marked fatal, since every other call would fail the same way), and :class:`MalformedReplyError` for a 200
+    whose body is not a chat completion.
     """
-    retry = 0
-    while True:
-        retry_after = None
-        try:
-            raw = client.chat.completions.with_raw_response.create(
-                model=model, messages=messages, temperature=TEMPERATURE, max_tokens=max_tokens
-            )
-            return reply_from_body(raw.text, transport_retries=retry)
-        except openai.APIStatusError as error:
-            status = error.status_code
-            if status not in RETRYABLE_STATUS and status < 500:
-                raise TransportError(
-                    f"{label}: HTTP {status}, not retried", fatal=status in FATAL_STATUS
-                ) from None
-            retry_after = retry_after_seconds(error.response.headers)
-            reason = _describe(error)
-        except openai.APIConnectionError as error:  # timeouts included
-            reason = _describe(error)
-        except ValueError as error:  # a 200 whose body is not a chat completion
-            reason = f"malformed reply ({error})"
-        except Exception as error:  # anything else the transport raises is retried too, boundedly
-            reason = _describe(error)
-        if retry >= policy.max_retries:
-            raise TransportError(f"{label}: gave up after {retry + 1} attempt(s), last: {reason}")
-        delay = backoff_delay(retry, policy, retry_after)
-        LOG.info("%s: %s; retry %d/%d in %.2fs", label, reason, retry + 1, policy.max_retries, delay)
-        time.sleep(delay)
-        retry += 1
+    try:
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=messages, temperature=TEMPERATURE, max_tokens=max_tokens
+        )
+    except openai.APIStatusError as error:
+        status = error.status_code
+        raise TransportError(f"{label}: {_describe(error)}", fatal=status in FATAL_STATUS) from None
+    except openai.APIConnectionError as error:  # timeouts included
+        raise TransportError(f"{label}: {_describe(error)}") from None
+    try:
+        return reply_from_body(raw.text, transport_retries=raw.retries_taken)
+    except ValueError as error:
+        raise MalformedReplyError(str(error), transport_retries=raw.retries_taken) from None
 
 
 def _sum_usage(replies: Sequence[JudgeReply]) -> dict[str, int] | None:
@@ -493,32 +485,45 @@ def judge_item(
     *,
     model: str,
     max_tokens: int,
-    policy: RetryPolicy,
+    max_parse_retries: int,
 ) -> dict[str, Any]:
     """Judge one question once and return its review line; raises :class:`TransportError` if the server fails.
 
-    A reply that does not parse is asked for again (a fresh call) up to ``policy.max_parse_retries`` times; after
-    that the line is a failure (``scores`` null, ``status`` "parse_failure") with every raw reply kept.
+    A reply that does not parse, or a body that is not a chat completion, is asked for again (a fresh call) up to
+    ``max_parse_retries`` times. If the last reply still has no scores, the line is a failure (``scores`` null,
+    ``status`` "parse_failure") with every raw reply kept; if the last body was not a chat completion at all,
+    no line is written (:class:`TransportError`) and a rerun asks again.
     """
     label = f"repeat {repeat} question {item.question_id}"
     started = utc_now()
     messages = build_messages(item.content)
     replies: list[JudgeReply] = []
     scores = None
-    for attempt in range(policy.max_parse_retries + 1):
-        reply = request_judgement(
-            client, messages, model=model, max_tokens=max_tokens, policy=policy, label=label
-        )
+    malformed = retries = 0
+    last_malformed: str | None = None
+    for attempt in range(1, max_parse_retries + 2):
+        try:
+            reply = request_judgement(client, messages, model=model, max_tokens=max_tokens, label=label)
+        except MalformedReplyError as error:
+            malformed += 1
+            retries += error.transport_retries
+            last_malformed = f"reply {attempt} is not a chat completion ({error})"
+            LOG.warning("%s: %s", label, last_malformed)
+            continue
+        last_malformed = None
         replies.append(reply)
+        retries += reply.transport_retries
         scores = parse_score(reply.content)
         if scores is not None:
             break
         LOG.warning(
             "%s: reply %d does not start with two scores: %r",
             label,
-            attempt + 1,
+            attempt,
             reply.content.split("\n", 1)[0][:80],
         )
+    if last_malformed is not None:
+        raise TransportError(f"{label}: {last_malformed}, the last of {malformed + len(replies)} call(s)")
     return {
         "question_id": item.question_id,
         "repeat": repeat,
@@ -532,8 +537,9 @@ def judge_item(
             {"content": r.content, "model": r.model, "finish_reason": r.finish_reason, "usage": r.usage}
             for r in replies
         ],
-        "attempts": len(replies),
-        "transport_retries": sum(r.transport_retries for r in replies),
+        "attempts": len(replies) + malformed,
+        "malformed_replies": malformed,
+        "transport_retries": retries,
         "usage": _sum_usage(replies),
         "temperature": TEMPERATURE,
         "max_tokens": max_tokens,
@@ -547,7 +553,7 @@ def judge_item(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The output file: append-only, one fsync'ed line per review, repaired on start
+# The output file: append-only, one fsync'ed line per review, only ever our own lines
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -556,26 +562,19 @@ def review_key(repeat: Any, question_id: Any) -> tuple[int, str]:
     return int(repeat), str(question_id)
 
 
-def _valid_review(record: Any) -> bool:
-    if not isinstance(record, dict) or "question_id" not in record or "scores" not in record:
-        return False
-    repeat = record.get("repeat")
-    if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 0:
-        return False
-    scores = record["scores"]
-    return scores is None or (
-        isinstance(scores, list) and len(scores) == 2 and all(isinstance(s, int | float) for s in scores)
-    )
-
-
 def recover_reviews(path: str | Path) -> dict[tuple[int, str], dict[str, Any]]:
-    """Read the reviews already in ``path``, repairing the file first if needed: a cut-off last line, invalid
-    lines and second copies of a (repeat, question_id) are dropped and judged again. Returns the kept reviews by
-    :func:`review_key`."""
-    return recover_jsonl(
+    """The reviews already in ``path`` by :func:`review_key`, to be skipped on resume.
+
+    A last line cut short by a crash is cut off (and redone); a second line for a (repeat, question_id) is
+    ignored. A file with any other line that is not a review line raises
+    :class:`~resumable_jsonl.ForeignFileError` and is left exactly as it was (bytes, mode, inode).
+    """
+    return resume_own_jsonl(
         path,
-        is_valid=_valid_review,
+        is_valid=is_review_line,
         key_of=lambda r: review_key(r["repeat"], r["question_id"]),
+        line_start=REVIEW_LINE_START,
+        explain=explain_foreign_line,
         what="review",
     )
 
@@ -600,15 +599,16 @@ def pending_work(
     ]
 
 
-def make_client(base_url: str | None, timeout: float) -> openai.OpenAI:
-    """An OpenAI client with its own retries off; the key comes from ``OPENAI_API_KEY`` only."""
+def make_client(base_url: str | None, timeout: float, max_retries: int) -> openai.OpenAI:
+    """An OpenAI client that retries transport faults ``max_retries`` times per call (honouring ``Retry-After``)
+    and waits ``timeout`` seconds per HTTP call; the key comes from ``OPENAI_API_KEY`` only."""
     base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
     api_key = os.environ.get("OPENAI_API_KEY")
     if not api_key:
         if base_url is None:
             raise InputError("OPENAI_API_KEY is not set (or pass --base-url for a server that needs no key)")
         api_key = PLACEHOLDER_KEY
-    return openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+    return openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
 
 
 def run_judge(
@@ -618,7 +618,7 @@ def run_judge(
     *,
     model: str,
     max_tokens: int,
-    policy: RetryPolicy,
+    max_parse_retries: int,
     concurrency: int,
 ) -> RunTally:
     """Judge ``work`` with at most ``concurrency`` calls in flight, writing each review as it completes.
@@ -632,7 +632,9 @@ def run_judge(
         if stop.is_set():
             raise SkippedError("not started: an earlier call failed fatally")
         try:
-            record = judge_item(client, item, repeat, model=model, max_tokens=max_tokens, policy=policy)
+            record = judge_item(
+                client, item, repeat, model=model, max_tokens=max_tokens, max_parse_retries=max_parse_retries
+            )
         except TransportError as error:
             if error.fatal:
                 stop.set()  # here, not in the main thread, so that this worker's next task already sees it
@@ -692,10 +694,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-a",
         "--answer-list",
-        nargs=2,
+        nargs="+",  # as upstream's command line; exactly two are required (checked below)
         required=True,
-        metavar=("REFERENCE", "ANSWERS"),
-        help="reference answers (Assistant 1, e.g. GPT-4) then the model's answers (Assistant 2)",
+        metavar="FILE",
+        help="two files: the reference answers (Assistant 1, e.g. answers_gpt4.jsonl), then the model's answers "
+        "(Assistant 2)",
     )
     parser.add_argument("-r", "--rule", default=str(Path(__file__).with_name("rule.json")), help="rule.json")
     parser.add_argument("-o", "--output", required=True, help="reviews JSONL; appended to and resumed")
@@ -708,23 +711,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--concurrency", type=int, default=4, help="calls in flight at once (default 4)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP call (default 120)")
-    parser.add_argument("--max-retries", type=int, default=6, help="transport retries per call (default 6)")
+    parser.add_argument(
+        "--max-retries",
+        type=int,
+        default=6,
+        help="transport retries per call, done by the openai client: 408/409/429/5xx (after Retry-After when "
+        "<= 120 s, else 0.5 s doubling to 8 s), timeouts, dropped connections (default 6)",
+    )
     parser.add_argument(
         "--max-parse-retries",
         type=int,
         default=3,
-        help="fresh calls after a reply without two scores (default 3)",
+        help="fresh calls after a reply without two scores or a body that is not a chat completion (default 3)",
     )
-    parser.add_argument(
-        "--backoff-base", type=float, default=1.0, help="first backoff sleep, seconds (default 1)"
-    )
-    parser.add_argument("--max-backoff", type=float, default=60.0, help="longest sleep, seconds (default 60)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="judge reply limit (1024)")
     parser.add_argument("--quiet", action="store_true", help="log warnings and errors only, not every retry")
     return parser
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if len(args.answer_list) != 2:
+        parser.error(
+            f"--answer-list needs exactly two files, the reference answers (Assistant 1, e.g. answers_gpt4.jsonl) "
+            f"then the model's answers (Assistant 2); got {len(args.answer_list)}: {' '.join(args.answer_list)}"
+        )
     positive = {"--repeats": args.repeats, "--concurrency": args.concurrency, "--max-tokens": args.max_tokens}
     for flag, value in positive.items():
         if value < 1:
@@ -735,11 +745,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     }.items():
         if value < 0:
             parser.error(f"{flag} must be 0 or more, got {value}")
-    for flag, value in {"--timeout": args.timeout, "--backoff-base": args.backoff_base}.items():
-        if not value > 0:
-            parser.error(f"{flag} must be positive, got {value}")
-    if args.max_backoff < 0:
-        parser.error(f"--max-backoff must be 0 or more, got {args.max_backoff}")
+    if not args.timeout > 0:
+        parser.error(f"--timeout must be positive, got {args.timeout}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -751,31 +758,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # httpx logs every request at INFO; the retries we log already say what matters.
-    for noisy in ("httpx", "httpx2", "openai"):
+    # httpx logs every request at INFO; the openai client logs each retry it makes at INFO.
+    for noisy in ("httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("openai").setLevel(logging.WARNING if args.quiet else logging.INFO)
 
+    # "~" is expanded as upstream does, for a path given in quotes.
+    question, context, rule, output_name = (
+        os.path.expanduser(p) for p in (args.question, args.context, args.rule, args.output)
+    )
+    reference_path, answer_path = (os.path.expanduser(p) for p in args.answer_list)
+    output = Path(output_name)
     try:
-        rules = load_rules(args.rule)
-        reference_path, answer_path = args.answer_list
+        rules = load_rules(rule)
         items = join_inputs(
-            read_jsonl(args.question),
-            read_jsonl(args.context),
+            read_jsonl(question),
+            read_jsonl(context),
             read_jsonl(reference_path),
             read_jsonl(answer_path),
             rules,
-            sources=(args.question, args.context, reference_path, answer_path),
+            sources=(question, context, reference_path, answer_path),
         )
         if not items:
             raise InputError("no question has both a reference and a model answer; nothing to judge")
-        client = make_client(args.base_url, args.timeout)
+        client = make_client(args.base_url, args.timeout, args.max_retries)
+        done = recover_reviews(output)
+    except ForeignFileError as error:
+        LOG.error(
+            "%s. judge.py appends only to its own review files and has left this one as it was; "
+            "choose another --output",
+            error,
+        )
+        return EXIT_INPUT_ERROR
     except (InputError, OSError, json.JSONDecodeError) as error:
         LOG.error("%s", error)
         return EXIT_INPUT_ERROR
 
-    output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    done = recover_reviews(output)
     work = pending_work(items, args.repeats, done)
     LOG.info(
         "%d question(s) x %d repeat(s): %d already reviewed in %s, %d to judge with %s",
@@ -786,7 +805,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         len(work),
         args.model,
     )
-    policy = RetryPolicy(args.max_retries, args.max_parse_retries, args.backoff_base, args.max_backoff)
     with ReviewWriter(output) as writer, logging_redirect_tqdm():
         tally = run_judge(
             client,
@@ -794,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             writer,
             model=args.model,
             max_tokens=args.max_tokens,
-            policy=policy,
+            max_parse_retries=args.max_parse_retries,
             concurrency=args.concurrency,
         )
     LOG.info("%d review(s) written, %d of them parse failures", tally.written, tally.parse_failures)

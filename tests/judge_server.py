@@ -7,8 +7,8 @@ queue is empty. Actions:
 ``ok``                 a chat completion whose content is ``replies[question]`` (default ``"8 7\\n..."``)
 ``reply:TEXT``         a chat completion whose content is TEXT
 ``nousage``            a normal completion without the ``usage`` field
-``429`` / ``429:S``    HTTP 429, with ``Retry-After: S`` when S is given (seconds or an HTTP-date)
-``500`` ``502`` ...    that HTTP status with an error body
+``NNN`` / ``NNN:S``    that HTTP status (429, 500, 502, ...) with an error body, and ``Retry-After: S`` when S is
+                       given (seconds or an HTTP-date): the openai client sleeps S before its retry
 ``hang``               say nothing until ``hang_seconds`` pass (or the server stops), then close
 ``garbage``            HTTP 200 whose body is not JSON
 ``badshape``           HTTP 200 with JSON that is not a chat completion

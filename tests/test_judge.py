@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,12 +22,16 @@ JUDGE_SCRIPT = ROOT / "llava" / "judge.py"
 
 judge = load_script(JUDGE_SCRIPT, "llava_judge_under_test")
 judge_server = load_script(ROOT / "tests" / "judge_server.py", "judge_server_under_test")
+resumable_jsonl = load_script(ROOT / "llava" / "resumable_jsonl.py", "llava_resumable_jsonl_under_test")
+summarize = load_script(ROOT / "llava" / "summarize.py", "llava_summarize_under_test")
 JudgeServer = judge_server.JudgeServer
 
 QUESTIONS = [json.loads(line) for line in (FIXTURES / "questions.jsonl").read_text().splitlines()]
 TEXT = {q["question_id"]: q["text"] for q in QUESTIONS}
 ID_OF = {q["text"]: q["question_id"] for q in QUESTIONS}
-FAST = ["--timeout", "0.5", "--backoff-base", "0.01", "--max-backoff", "1"]
+# The openai client retries transport faults; a scripted status with ":S" sends Retry-After: S, which it honours,
+# so most faults here cost milliseconds. A bare one costs its default backoff (0.5 s, doubling).
+FAST = ["--timeout", "0.5"]
 
 
 @pytest.fixture(autouse=True)
@@ -158,30 +163,24 @@ def test_parse_score(reply: str | None, expected: tuple[float, float] | None) ->
     assert judge.parse_score(reply) == expected
 
 
-# ----------------------------------------------------------------------------------------------- retry policy
-
-
-def test_retry_after_seconds_and_date() -> None:
-    from datetime import UTC, datetime
-
-    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
-    assert judge.retry_after_seconds({"retry-after": "3"}) == 3.0
-    assert judge.retry_after_seconds({"retry-after": "0.25"}) == 0.25
-    assert judge.retry_after_seconds({"retry-after": "Thu, 01 Jan 2026 12:00:07 GMT"}, now=now) == 7.0
-    assert judge.retry_after_seconds({"retry-after": "Thu, 01 Jan 2026 11:00:00 GMT"}, now=now) == 0.0
-    assert judge.retry_after_seconds({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
-    assert judge.retry_after_seconds({"retry-after": "soon"}) is None
-    assert judge.retry_after_seconds({}) is None
-
-
-def test_backoff_honours_retry_after_and_caps() -> None:
-    policy = judge.RetryPolicy(backoff_base=1.0, max_backoff=10.0)
-    assert judge.backoff_delay(0, policy, retry_after=2.5) == 2.5
-    assert judge.backoff_delay(0, policy, retry_after=600) == 10.0
-    for retry in range(8):
-        delay = judge.backoff_delay(retry, policy)
-        ceiling = min(10.0, 2**retry)
-        assert ceiling / 2 <= delay <= ceiling
+@pytest.mark.parametrize(
+    ("scores", "expected"),
+    [
+        ([8, 7], (8.0, 7.0)),
+        ((8.5, 7), (8.5, 7.0)),
+        ([True, 7], None),  # a boolean is an int to Python; both judge.py and summarize.py refuse it
+        ([8], None),
+        (["8", "7"], None),
+        ([float("nan"), 7], None),
+        ([float("inf"), 7], None),
+        ([10**400, 7], None),
+        (None, None),
+    ],
+)
+def test_valid_scores_is_strict(scores: object, expected: tuple[float, float] | None) -> None:
+    assert judge.valid_scores(scores) == expected
+    line = {"question_id": 0, "repeat": 0, "category": "conv", "scores": scores}
+    assert judge.is_review_line(line) == (expected is not None or scores is None)
 
 
 # ----------------------------------------------------------------------------------------------- faults
@@ -190,7 +189,7 @@ def test_backoff_honours_retry_after_and_caps() -> None:
 def test_faults_every_question_judged_exactly_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     script = {
         TEXT[0]: ["429:0.3", "429"],
-        TEXT[1]: ["500", "502", "503"],
+        TEXT[1]: ["500", "502:0.01", "503:0.01"],
         TEXT[2]: ["hang"],
         TEXT[3]: ["garbage", "badshape"],
         TEXT[4]: ["drop", "drop"],
@@ -198,7 +197,7 @@ def test_faults_every_question_judged_exactly_once(tmp_path: Path, caplog: pytes
     }
     replies = {TEXT[qid]: f"9, {qid + 3}\nExplanation for question {qid}." for qid in TEXT}
     output = tmp_path / "reviews.jsonl"
-    caplog.set_level(logging.INFO, logger="llava.judge")
+    caplog.set_level(logging.INFO)
     with JudgeServer(script=script, replies=replies) as server:
         rc = judge.main(judge_args(output, server.base_url, "--repeats", "2", "--concurrency", "3", *FAST))
         requests = server.requests
@@ -210,10 +209,13 @@ def test_faults_every_question_judged_exactly_once(tmp_path: Path, caplog: pytes
         assert review["status"] == "ok"
     faults = sum(len(actions) for actions in script.values()) - 1  # "nousage" is a good reply
     assert len(requests) == 12 + faults
-    assert sum(r["transport_retries"] for r in reviews) == faults
+    # the client retried the transport faults; the two 200s that were no chat completion were asked again by us
+    assert sum(r["transport_retries"] for r in reviews) == faults - 2
+    assert sum(r["malformed_replies"] for r in reviews if r["question_id"] == 3) == 2
+    assert sum(r["attempts"] for r in reviews) == 12 + 2
     usage = sorted(r["usage"] is None for r in reviews if r["question_id"] == 5)
     assert usage == [False, True]  # the reply without usage is recorded as null, the other is kept
-    assert "HTTP 429; retry 1/6 in 0.30s" in caplog.text  # Retry-After: 0.3 honoured
+    assert "Retrying request in 0.300000 seconds" in caplog.text  # Retry-After: 0.3 honoured by the client
 
 
 def test_unparseable_reply_retried_then_failure_line(tmp_path: Path) -> None:
@@ -243,13 +245,42 @@ def test_unparseable_reply_retried_then_failure_line(tmp_path: Path) -> None:
 
 def test_exhausted_retries_write_nothing_and_exit_nonzero(tmp_path: Path) -> None:
     output = tmp_path / "reviews.jsonl"
-    with JudgeServer(script={TEXT[2]: ["500"] * 3}) as server:
+    with JudgeServer(script={TEXT[2]: ["500:0.01"] * 3}) as server:
         args = [*judge_args(output, server.base_url, "--repeats", "1", "--max-retries", "2"), *FAST]
         assert judge.main(args) == 1
         assert keys(read_reviews(output)) == [k for k in all_keys(1) if k != (0, 2)]
         before = len(server.requests)
         assert judge.main(args) == 0  # the server has recovered: only the missing one is asked for
         assert [ID_OF[r.question] for r in server.requests[before:]] == [2]
+    assert keys(read_reviews(output)) == all_keys(1)
+
+
+def test_retry_after_beyond_two_minutes_is_not_waited_for(tmp_path: Path) -> None:
+    # The openai client honours Retry-After up to 120 s; a longer one (a quota spent for the day, say) ends that
+    # call at once: no line, exit 1, and a rerun later asks again.
+    output = tmp_path / "reviews.jsonl"
+    with JudgeServer(script={TEXT[4]: ["429:600"]}) as server:
+        args = [*judge_args(output, server.base_url, "--repeats", "1"), *FAST]
+        assert judge.main(args) == 1
+        assert [ID_OF[r.question] for r in server.requests].count(4) == 1
+        assert (0, 4) not in keys(read_reviews(output))
+        assert judge.main(args) == 0
+    assert keys(read_reviews(output)) == all_keys(1)
+
+
+def test_bodies_that_are_no_chat_completion_are_asked_again_then_no_line(tmp_path: Path) -> None:
+    output = tmp_path / "reviews.jsonl"
+    script = {TEXT[1]: ["garbage", "reply:no scores", "badshape"], TEXT[2]: ["reply:still none", "garbage"]}
+    with JudgeServer(script=script) as server:
+        args = judge_args(output, server.base_url, "--repeats", "1", "--max-parse-retries", "2", *FAST)
+        assert judge.main(args) == 1  # question 1 ended on a body that is no chat completion: nothing written
+        reviews = {r["question_id"]: r for r in read_reviews(output)}
+        assert 1 not in reviews
+        # question 2: a real reply without scores, then garbage, then "8 7" (the default) within the 3 calls
+        assert reviews[2]["scores"] == [8.0, 7.0]
+        assert reviews[2]["attempts"] == 3 and reviews[2]["malformed_replies"] == 1
+        assert [r["content"] for r in reviews[2]["replies"]][0] == "still none"
+        assert judge.main(args) == 0  # the rerun asks question 1 again
     assert keys(read_reviews(output)) == all_keys(1)
 
 
@@ -305,15 +336,77 @@ def test_kill_mid_run_then_resume(tmp_path: Path) -> None:
     assert victim in keys(final)
 
 
-def test_recover_reviews_repairs_the_file(tmp_path: Path) -> None:
+def test_recover_cuts_only_a_crashed_tail_in_place(tmp_path: Path) -> None:
     output = tmp_path / "reviews.jsonl"
     good = [{"question_id": q, "repeat": 0, "category": "conv", "scores": [8, 7]} for q in (0, 1)]
-    lines = [json.dumps(good[0]), "{not json", json.dumps(good[1]), json.dumps(good[0] | {"scores": [1, 1]})]
+    duplicate = good[0] | {"scores": [1, 1]}
+    lines = [json.dumps(good[0]), json.dumps(good[1]), json.dumps(duplicate)]
     output.write_text("\n".join(lines) + "\n" + '{"question_id": 2, "rep')
+    output.chmod(0o640)
+    before = output.stat()
     kept = judge.recover_reviews(output)
     assert set(kept) == {(0, "0"), (0, "1")}
-    assert kept[(0, "0")]["scores"] == [8, 7]  # the first copy wins
-    assert read_reviews(output) == good
+    assert kept[(0, "0")]["scores"] == [8, 7]  # the first copy wins; the second stays in the file, ignored
+    assert output.read_text() == "\n".join(lines) + "\n"  # only the half-written line is gone
+    after = output.stat()
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+
+
+FOREIGN = {
+    "upstream review file": (FIXTURES / "upstream_reviews.jsonl").read_text(),
+    "text": "hello\nworld\n",
+    "a bad line among ours": '{"question_id": 0, "repeat": 0, "category": "conv", "scores": [8, 7]}\n{not json\n',
+    "boolean scores": '{"question_id": 0, "repeat": 0, "category": "conv", "scores": [true, 7]}\n',
+    "a foreign unterminated last line": '{"question_id": 0, "repeat": 0, "category": "conv", "scores": null}\nhi',
+    "one line, no newline": '{"id": 1, "question_id": 0, "tuple": [8.0, 7.0]}',
+}
+
+
+@pytest.mark.parametrize("content", FOREIGN.values(), ids=FOREIGN.keys())
+def test_foreign_output_is_refused_and_left_as_it_was(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: str
+) -> None:
+    output = tmp_path / "reviews.jsonl"
+    output.write_text(content)
+    output.chmod(0o644)
+    before = output.stat()
+    with JudgeServer() as server:
+        assert judge.main([*judge_args(output, server.base_url, "--repeats", "1"), *FAST]) == 2
+        assert server.requests == []
+    after = output.stat()
+    assert output.read_text() == content
+    assert (after.st_mode, after.st_ino, after.st_mtime_ns) == (
+        before.st_mode,
+        before.st_ino,
+        before.st_mtime_ns,
+    )
+    assert "has left this one as it was; choose another --output" in caplog.text
+    if content.startswith('{"id": 1'):
+        assert "upstream LLaVA review line" in caplog.text and "reviews.jsonl:1:" in caplog.text
+
+
+def test_new_output_gets_the_permissions_of_a_plain_open(tmp_path: Path) -> None:
+    output = tmp_path / "reviews.jsonl"
+    old = os.umask(0o007)
+    try:
+        with JudgeServer() as server:
+            assert judge.main([*judge_args(output, server.base_url, "--repeats", "1"), *FAST]) == 0
+    finally:
+        os.umask(old)
+    assert output.stat().st_mode & 0o777 == 0o660  # 0666 minus the umask, not mkstemp's 0600
+
+
+def test_shared_jsonl_repair_keeps_the_file_mode(tmp_path: Path) -> None:
+    # answer.py's reader drops invalid lines and rewrites the file; the rewritten file keeps the old mode
+    path = tmp_path / "answers.jsonl"
+    path.write_text('{"question_id": 0}\n{broken\n{"question_id": 1}\n')
+    path.chmod(0o664)
+    kept = resumable_jsonl.recover_jsonl(
+        path, is_valid=lambda r: isinstance(r, dict), key_of=lambda r: r["question_id"], what="answer"
+    )
+    assert set(kept) == {0, 1}
+    assert path.read_text() == '{"question_id": 0}\n{"question_id": 1}\n'
+    assert path.stat().st_mode & 0o777 == 0o664
 
 
 def test_recover_keeps_a_clean_file_untouched(tmp_path: Path) -> None:
@@ -372,7 +465,9 @@ def test_no_key_and_no_base_url_is_refused(tmp_path: Path, caplog: pytest.LogCap
 def test_key_from_env_only_and_never_written(tmp_path: Path) -> None:
     secret = "sk-test-DO-NOT-LEAK-1234567890"
     output = tmp_path / "reviews.jsonl"
-    with JudgeServer(script={"*": ["429:0", "500", "drop"], TEXT[0]: ["reply:no scores here"]}) as server:
+    with JudgeServer(
+        script={"*": ["429:0.01", "500:0.01", "drop"], TEXT[0]: ["reply:no scores here"]}
+    ) as server:
         args = judge_args(output, server.base_url, "--repeats", "1", *FAST)
         args = args[: args.index("--base-url")] + args[args.index("--base-url") + 2 :]
         env = {**os.environ, "OPENAI_API_KEY": secret, "OPENAI_BASE_URL": server.base_url}
@@ -406,3 +501,49 @@ def test_review_line_records_what_was_asked(tmp_path: Path) -> None:
     assert review["answer_id"] == "ans-4" and review["model_id"] == "llava-v1.5-7b-sharelora"
     assert review["reference_answer_id"] == "ref-4"
     assert review["started_at"].endswith("+00:00") and review["started_at"] <= review["finished_at"]
+
+
+def test_answer_list_takes_two_files_as_upstream_and_says_so_otherwise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = judge_args(tmp_path / "r.jsonl", "http://127.0.0.1:9/v1")
+    at = args.index("--answer-list")
+    for answers in ([args[at + 1]], [args[at + 1], args[at + 2], args[at + 2]]):
+        with pytest.raises(SystemExit) as stop:
+            judge.main(args[: at + 1] + answers + args[at + 3 :])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert "--answer-list needs exactly two files" in err and f"got {len(answers)}" in err
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_paths_in_quotes_with_a_tilde_are_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copy(FIXTURES / "answers_model.jsonl", tmp_path / "answers.jsonl")
+    with JudgeServer() as server:
+        args = judge_args(Path("~/reviews.jsonl"), server.base_url, "--repeats", "1", *FAST)
+        args[args.index("--answer-list") + 2] = "~/answers.jsonl"
+        assert judge.main(args) == 0
+    assert keys(read_reviews(tmp_path / "reviews.jsonl")) == all_keys(1)
+
+
+def test_judge_reviews_export_to_upstream_format(tmp_path: Path) -> None:
+    output = tmp_path / "reviews.jsonl"
+    replies = {TEXT[qid]: f"{8 + qid % 2} {4 + qid}\nwhy" for qid in TEXT}
+    with JudgeServer(script={TEXT[2]: ["reply:cannot"]}, replies=replies) as server:
+        args = judge_args(output, server.base_url, "--repeats", "2", "--max-parse-retries", "0", *FAST)
+        assert judge.main(args) == 0
+    exported = tmp_path / "upstream"
+    assert summarize.main([str(output), "--export-upstream", str(exported)]) == 0
+    first = [json.loads(line) for line in (exported / "reviews_repeat0.jsonl").read_text().splitlines()]
+    assert [line["question_id"] for line in first] == sorted(TEXT)
+    line4 = first[4]
+    assert (line4["answer1_id"], line4["answer2_id"]) == ("ref-4", "ans-4")  # reference first, as upstream
+    assert line4["category"] == "llava_bench_detail" and line4["content"] == "8 8\nwhy"
+    assert line4["tuple"] == [8.0, 8.0] and first[2]["tuple"] == [-1, -1]
+    # our scoring of the export equals our scoring of the judge's file
+    ours = summarize.summarize(summarize.group_runs([output]))
+    back = summarize.summarize(summarize.group_runs(sorted(exported.glob("*.jsonl"))))
+    assert {c: (e["relative"], e["n"], e["failures"]) for c, e in ours.items()} == {
+        c: (e["relative"], e["n"], e["failures"]) for c, e in back.items()
+    }
