@@ -1,4 +1,5 @@
-"""Commonsense evaluation with the LLM-Adapters protocol (the benchmark of the ShareLoRA paper's Table 1).
+"""Commonsense and arithmetic evaluation with the LLM-Adapters protocol (the benchmarks of the ShareLoRA paper's
+Table 2, and GSM8K of its Table 1).
 
 Protocol, as in LLM-Adapters' ``commonsense_evaluate.py`` (read, not copied):
 
@@ -12,6 +13,15 @@ Protocol, as in LLM-Adapters' ``commonsense_evaluate.py`` (read, not copied):
   pattern in it (BoolQ ``true|false``, PIQA ``solution1|solution2``, SIQA/ARC/OBQA ``answer1``–``answer5``,
   HellaSwag ``ending1``–``ending4``, WinoGrande ``option1|option2``; case-sensitive like the original). No match
   counts as wrong. Accuracy per task and the unweighted mean over tasks ("Avg." in the paper).
+
+Arithmetic test sets (GSM8K and LLM-Adapters' other number-answer sets: AddSub, MultiArith, SingleEq, SVAMP;
+``dataset/<task>/test.json`` with a numeric ``answer``) follow LLM-Adapters' ``evaluate.py``: the same prompt,
+the prediction is the **last** number in the response after removing thousands separators (an optional minus,
+digits, an optional point and digits), no number counts as wrong, and it is right when ``|prediction - answer| <= 0.001``. Answers take
+more room than a label: ``--max-new-tokens`` defaults to 256 for these (32 for the label tasks)::
+
+    python -m sharelora_plugin.commonsense --base-model meta-llama/Llama-2-7b-hf --adapter OUT \
+        --data-dir LLM-Adapters/dataset --tasks gsm8k --output-dir OUT/gsm8k
 
 Differences from the original script, all deliberate: the prompt has no stray indentation (the original's
 triple-quoted template indents every line by 16 spaces at evaluation but the model is trained on Axolotl's
@@ -74,6 +84,12 @@ DATASET_FORMATS: dict[str, str] = {
     "openbookqa": "answer",
 }
 COMMONSENSE_TASKS: tuple[str, ...] = tuple(DATASET_FORMATS)
+# LLM-Adapters' arithmetic test sets whose answers are numbers (AQuA's are letters and are not included).
+NUMBER_FORMAT = "number"
+MATH_TASKS: tuple[str, ...] = ("gsm8k", "AddSub", "MultiArith", "SingleEq", "SVAMP")
+NUMBER_TOLERANCE = 0.001  # LLM-Adapters' ``miss``: |prediction - answer| <= 0.001 is right
+NUMBER_PATTERN = re.compile(r"-?\d+\.?\d*")
+MAX_NEW_TOKENS = {NUMBER_FORMAT: 256}  # label tasks: 32
 RESULTS_JSON = "commonsense_results.json"
 RESULTS_MD = "commonsense_results.md"
 
@@ -114,11 +130,43 @@ def extract_answer(response: str, answer_format: str) -> str:
     return match.group(0) if match else ""
 
 
+def extract_number(response: str) -> float | None:
+    """The last number in ``response`` after removing thousands separators (LLM-Adapters' ``extract_answer_number``
+    for GSM8K and the other arithmetic sets); ``None`` when there is no number, which counts as wrong."""
+    found = NUMBER_PATTERN.findall(response.replace(",", ""))
+    return float(found[-1]) if found else None
+
+
+def number_is_right(predicted: float | None, answer: Any) -> bool:
+    """``|predicted - answer| <= 0.001`` (LLM-Adapters' tolerance); no prediction is wrong."""
+    if predicted is None:
+        return False
+    try:
+        gold = float(answer)
+    except (TypeError, ValueError):
+        raise EvaluationError(f"arithmetic answer {answer!r} is not a number") from None
+    return abs(gold - predicted) <= NUMBER_TOLERANCE
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return math.isfinite(value)
+    try:
+        return math.isfinite(float(str(value)))
+    except ValueError:
+        return False
+
+
 def infer_answer_format(task: str, rows: Sequence[dict]) -> str:
-    """The answer format of a task: from :data:`DATASET_FORMATS` for the eight known test sets, otherwise the
-    format whose vocabulary contains every gold ``answer`` (e.g. a rule-generated ``rule_boolq`` set)."""
+    """The answer format of a task: from :data:`DATASET_FORMATS` for the eight known test sets, ``number`` for
+    the arithmetic sets (:data:`MATH_TASKS`, or every gold ``answer`` a number), otherwise the format whose
+    vocabulary contains every gold ``answer`` (e.g. a rule-generated ``rule_boolq`` set)."""
     if task in DATASET_FORMATS:
         return DATASET_FORMATS[task]
+    if task in MATH_TASKS or (rows and all(_is_number(row.get("answer")) for row in rows)):
+        return NUMBER_FORMAT
     labels = {str(row.get("answer")) for row in rows}
     fitting = [name for name, vocab in ANSWER_FORMATS.items() if labels <= set(vocab)]
     if not fitting:
@@ -217,7 +265,8 @@ class EvaluationReport:
             + (f" + adapter `{self.settings['adapter']}`" if self.settings.get("adapter") else ""),
             f"Decoding: num_beams={self.settings.get('num_beams')}, max_new_tokens="
             f"{self.settings.get('max_new_tokens')}, batch_size={self.settings.get('batch_size')}, left padding; "
-            "prediction = first answer label after the response marker, none = wrong.",
+            "prediction = first answer label after the response marker (numbers: the last number, right within "
+            "0.001), none = wrong.",
             "",
             "| Task | Format | N | Accuracy (%) | ± s.e. | No answer |",
             "|---|---|---:|---:|---:|---:|",
@@ -323,13 +372,16 @@ def evaluate_rows(
     answer_format: str | None = None,
     batch_size: int = 8,
     num_beams: int = 4,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     progress: bool = True,
 ) -> TaskResult:
-    """Accuracy of ``model`` on one test set under the LLM-Adapters protocol."""
+    """Accuracy of ``model`` on one test set under the LLM-Adapters protocol (``max_new_tokens`` defaults to 256
+    for arithmetic sets, 32 otherwise)."""
     if not rows:
         raise EvaluationError(f"task {task!r} has no test rows")
     answer_format = answer_format or infer_answer_format(task, rows)
+    if max_new_tokens is None:
+        max_new_tokens = MAX_NEW_TOKENS.get(answer_format, 32)
     prompts = [build_prompt(row["instruction"], row.get("input")) for row in rows]
     generated = generate_responses(
         model,
@@ -344,8 +396,13 @@ def evaluate_rows(
     predictions = []
     for row, text in zip(rows, generated, strict=True):
         response = response_text(text)
-        predicted = extract_answer(response, answer_format)
-        flag = predicted == str(row["answer"])
+        if answer_format == NUMBER_FORMAT:
+            number = extract_number(response)
+            flag = number_is_right(number, row["answer"])
+            predicted: Any = "" if number is None else number
+        else:
+            predicted = extract_answer(response, answer_format)
+            flag = predicted == str(row["answer"])
         correct += flag
         unanswered += predicted == ""
         predictions.append({**row, "output_pred": response, "pred": predicted, "flag": flag})
@@ -360,7 +417,7 @@ def evaluate_tasks(
     formats: dict[str, str] | None = None,
     batch_size: int = 8,
     num_beams: int = 4,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     progress: bool = True,
     settings: dict[str, Any] | None = None,
 ) -> EvaluationReport:
@@ -392,11 +449,12 @@ def evaluate_tasks(
         settings={
             **(settings or {}),
             "num_beams": num_beams,
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": max_new_tokens if max_new_tokens is not None else "32 (labels) / 256 (numbers)",
             "batch_size": batch_size,
             "prompt_template": PROMPT_NO_INPUT,
-            "protocol": "LLM-Adapters commonsense_evaluate.py: alpaca prompt, left padding, first answer label "
-            "after the response marker, no label = wrong",
+            "protocol": "LLM-Adapters commonsense_evaluate.py / evaluate.py: alpaca prompt, left padding; labels: "
+            "first answer label after the response marker; numbers: last number, |pred - answer| <= 0.001; "
+            "nothing found = wrong",
         },
         seconds=time.perf_counter() - start,
     )
@@ -511,11 +569,14 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="NAME=FORMAT",
-        help=f"answer format of a task not in the eight ({', '.join(ANSWER_FORMATS)}); inferred when omitted",
+        help=f"answer format of a task not in the eight ({', '.join([*ANSWER_FORMATS, NUMBER_FORMAT])}); "
+        "inferred when omitted",
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-beams", type=int, default=4, help="4 as LLM-Adapters; 1 = greedy")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="default 32 for label tasks, 256 for arithmetic tasks (gsm8k, ...)"
+    )
     parser.add_argument("--limit", type=int, help="first N rows per task (smoke tests)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
@@ -529,8 +590,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--format expects NAME=FORMAT, got {args.format}")
     for name, value in formats.items():
-        if value not in ANSWER_FORMATS:
-            parser.error(f"--format {name}={value}: valid formats are {', '.join(ANSWER_FORMATS)}")
+        if value not in ANSWER_FORMATS and value != NUMBER_FORMAT:
+            parser.error(
+                f"--format {name}={value}: valid formats are {', '.join([*ANSWER_FORMATS, NUMBER_FORMAT])}"
+            )
     try:
         tasks = collect_tasks(args.data_dir, args.tasks, args.task, args.limit)
         model, tokenizer = load_model_and_tokenizer(

@@ -342,3 +342,95 @@ def test_cli_errors_are_readable(tmp_path):
                 str(tmp_path),
             ]
         )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GSM8K and the other arithmetic sets (LLM-Adapters evaluate.py: last number, |pred - answer| <= 0.001)
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("Natalia sold 48 + 24 = 72 clips. The answer is 72.", 72.0),  # the last number, trailing period
+        ("It costs 1,234 dollars", 1234.0),  # thousands separators removed first
+        ("The temperature fell to -3.5 degrees", -3.5),
+        ("She has 0.25 of the cake left", 0.25),
+        ("3 boxes of 7 make 21", 21.0),
+        ("I cannot tell", None),  # no number: wrong
+        ("", None),
+    ],
+)
+def test_extract_number_takes_the_last_number(response, expected):
+    from sharelora_plugin.commonsense import extract_number
+
+    assert extract_number(response) == expected
+
+
+def test_number_tolerance_is_llm_adapters():
+    from sharelora_plugin.commonsense import number_is_right
+
+    assert number_is_right(18.0, 18) and number_is_right(18.0005, "18") and number_is_right(17.9995, 18.0)
+    assert not number_is_right(18.002, 18) and not number_is_right(None, 18)
+    with pytest.raises(EvaluationError, match="not a number"):
+        number_is_right(1.0, "seven")
+
+
+def test_arithmetic_sets_have_the_number_format():
+    from sharelora_plugin.commonsense import NUMBER_FORMAT, infer_answer_format
+
+    assert infer_answer_format("gsm8k", [_row("q", "5")]) == NUMBER_FORMAT
+    assert infer_answer_format("my_math", [_row("q", 3.5), _row("q", "12")]) == NUMBER_FORMAT
+    assert infer_answer_format("my_bool", [_row("q", "true")]) == "true_false"
+
+
+def test_gsm8k_accuracy_with_scripted_replies(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    rows = [
+        _row("How many clips?", 72),
+        _row("How much money?", "1234"),
+        _row("How warm?", -3.5),
+        _row("x?", 9),
+    ]
+    replies = {
+        build_prompt(rows[0]["instruction"]): " 48 + 24 = 72. The answer is 72",  # right
+        build_prompt(rows[1]["instruction"]): " She has 1,234 dollars",  # right after removing the comma
+        build_prompt(rows[2]["instruction"]): " It is -3.4 degrees",  # off by 0.1: wrong
+        build_prompt(rows[3]["instruction"]): " no idea",  # no number: wrong, unanswered
+    }
+    model = ScriptedModel(tokenizer, replies)
+    result = evaluate_rows(model, tokenizer, "gsm8k", rows, batch_size=4, num_beams=1, progress=False)
+    assert result.answer_format == "number" and (result.correct, result.total, result.unanswered) == (2, 4, 1)
+    assert [p["pred"] for p in result.predictions] == [72.0, 1234.0, -3.4, ""]
+    assert [p["flag"] for p in result.predictions] == [True, True, False, False]
+
+
+def test_cli_gsm8k_writes_the_same_reports(smollm2_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    base = tiny_lm(tokenizer, num_layers=2)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    data = tmp_path / "dataset" / "gsm8k"
+    data.mkdir(parents=True)
+    (data / "test.json").write_text(json.dumps([_row(f"What is {k} + {k}?", 2 * k) for k in range(3)]))
+    out = tmp_path / "eval"
+    argv = [
+        "--base-model",
+        str(tmp_path / "base"),
+        "--data-dir",
+        str(tmp_path / "dataset"),
+        "--tasks",
+        "gsm8k",
+    ]
+    argv += ["--num-beams", "1", "--max-new-tokens", "4", "--output-dir", str(out), "--no-progress"]
+    assert main(argv) == 0
+    results = json.loads((out / "commonsense_results.json").read_text())
+    assert results["tasks"]["gsm8k"]["answer_format"] == "number" and results["tasks"]["gsm8k"]["total"] == 3
+    predictions = [
+        json.loads(line) for line in (out / "predictions" / "gsm8k.jsonl").read_text().splitlines()
+    ]
+    assert all(p["flag"] == (p["pred"] != "" and abs(p["pred"] - p["answer"]) <= 0.001) for p in predictions)
+    assert "| gsm8k | number | 3 |" in (out / "commonsense_results.md").read_text()
