@@ -45,6 +45,11 @@ class CalibrationConfig(BaseModel):
     messages_field: str = Field(
         default="messages", description="Column holding chat messages (used when there is no text column)."
     )
+    image_root: str | None = Field(
+        default=None,
+        description="Visual-text calibration: folder that relative image paths are looked up in first (then the "
+        "calibration file's folder, then the working directory).",
+    )
     num_samples: int = Field(default=256, description="Number of samples (paper: 256; LLaVA: 128).")
     max_length: int = Field(default=512, description="Tokens per sample after truncation.")
     batch_size: int = Field(default=8, description="Samples per forward pass.")
@@ -108,6 +113,16 @@ class CalibrationConfig(BaseModel):
                 "(the cap when stop_when_stable is on); lower min_samples or raise num_samples"
             )
         return self
+
+    @field_validator("image_root")
+    @classmethod
+    def _image_root_exists(cls, value: str | None) -> str | None:
+        if value and not Path(value).expanduser().is_dir():
+            raise ValueError(
+                f"sharelora.calibration.image_root={value!r} is not a folder; give the folder that the calibration "
+                "rows' relative image paths are relative to (e.g. the COCO train2017 folder)"
+            )
+        return value
 
     @field_validator("path")
     @classmethod

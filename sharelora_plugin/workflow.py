@@ -112,6 +112,7 @@ def load_calibration_rows(settings: dict, cfg: Any) -> tuple[list[dict], str]:
             ".txt": "text",
             ".parquet": "parquet",
             ".csv": "csv",
+            ".arrow": "arrow",  # e.g. a data-*.arrow file written by Dataset.save_to_disk
         }.get(suffix)
         if builder is None:
             raise PlanError(f"sharelora.calibration.path={str(p)!r}: unsupported file type {suffix!r}")

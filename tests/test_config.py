@@ -205,3 +205,25 @@ def test_shipped_deepspeed_configs(smollm2_dir, data_dir, tmp_path):
     make_plan(num_layers=30, strategy="alternate").save(plan)
     cfg = _validate(_merge(base, {"deepspeed": zero3, "sharelora": {"plan_file": str(plan)}}))
     assert cfg.sharelora["plan_file"] == str(plan)
+
+
+def test_image_root_and_arrow_calibration_files(smollm2_dir, data_dir, tmp_path):
+    """`image_root` is a real key (a folder that must exist); an `.arrow` calibration file loads."""
+    from datasets import Dataset
+
+    from sharelora_plugin.args import ShareLoRAConfig
+    from sharelora_plugin.workflow import load_calibration_rows
+
+    raw = _merge(
+        _base(smollm2_dir, data_dir, tmp_path), {"sharelora": {"calibration": {"image_root": str(tmp_path)}}}
+    )
+    _validate(raw)
+    missing = _merge(raw, {"sharelora": {"calibration": {"image_root": str(tmp_path / "nowhere")}}})
+    with pytest.raises(Exception, match="sharelora.calibration.image_root"):
+        _validate(missing)
+
+    Dataset.from_list([{"text": f"row {k}"} for k in range(5)]).save_to_disk(str(tmp_path / "saved"))
+    (arrow,) = (tmp_path / "saved").glob("*.arrow")
+    settings = ShareLoRAConfig(calibration={"path": str(arrow), "num_samples": 3}).model_dump()
+    rows, source = load_calibration_rows(settings, {})
+    assert source == str(arrow) and len(rows) == 3 and all(row["text"].startswith("row ") for row in rows)
