@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -320,7 +321,16 @@ def plan_from_calibration(result: CalibrationResult, settings: dict, base_rank: 
         samples = similarity_from_distances(
             result.per_sample_angular, result.per_sample_cosine, settings["metric"]
         )
+        start = time.perf_counter()
         plan = plan_with_stability(samples, similarity, **options)
+        if options["resamples"]:
+            # each resample is planned like the plan itself: an optimal plan that takes seconds costs B times that
+            LOG.info(
+                "ShareLoRA: plan and bootstrap of %d resamples took %.1f s "
+                "(sharelora.calibration.bootstrap_resamples: 0 turns the report off)",
+                options["resamples"],
+                time.perf_counter() - start,
+            )
     else:
         if options["confidence"] is not None:
             raise PlanError("sharelora.confidence needs at least 2 calibration samples for its bootstrap")
