@@ -15,17 +15,21 @@ Protocol, as in LLM-Adapters' ``commonsense_evaluate.py`` (read, not copied):
   counts as wrong. Accuracy per task and the unweighted mean over tasks ("Avg." in the paper).
 
 Arithmetic test sets (GSM8K and LLM-Adapters' other number-answer sets: AddSub, MultiArith, SingleEq, SVAMP;
-``dataset/<task>/test.json`` with a numeric ``answer``) follow LLM-Adapters' ``evaluate.py``: the same prompt,
+``dataset/<task>/test.json``, rows ``{"instruction", "input": "", "output", "answer": "576.0"}`` with the gold
+number as a string) follow LLM-Adapters' ``evaluate.py`` (line numbers at commit 8166572): the same prompt
+(``generate_prompt``, lines 141-160), beam search with ``num_beams=4``, ``max_new_tokens=256`` (lines 43-44);
 the prediction is the **last** number in the response after removing thousands separators (an optional minus,
-digits, an optional point and digits), no number counts as wrong, and it is right when ``|prediction - answer| <= 0.001``. Answers take
-more room than a label: ``--max-new-tokens`` defaults to 256 for these (32 for the label tasks)::
+digits, an optional point and digits; ``extract_answer_number``, lines 272-287), no number counts as wrong
+(upstream predicts ``inf``), and it is right when ``|prediction - float(answer)| <= 0.001`` (``miss``, lines 94,
+109-112). ``--max-new-tokens`` therefore defaults to 256 for these (32 for the label tasks)::
 
-    python -m sharelora_plugin.commonsense --base-model meta-llama/Llama-2-7b-hf --adapter OUT \
+    python -m sharelora_plugin.commonsense --base-model meta-llama/Llama-2-7b-hf --adapter OUT \\
         --data-dir LLM-Adapters/dataset --tasks gsm8k --output-dir OUT/gsm8k
 
 Differences from the original script, all deliberate: the prompt has no stray indentation (the original's
 triple-quoted template indents every line by 16 spaces at evaluation but the model is trained on Axolotl's
-clean template, and train and test prompts must agree); the attention mask is passed to ``generate`` (the
+clean template, and train and test prompts must agree; for the same reason the trailing space after "request."
+in its no-input template is dropped); the attention mask is passed to ``generate`` (the
 original omits it, so left padding leaks into attention); the ``input`` field is used when present (empty in all
 eight test sets); any base model + PEFT adapter works, including a ShareLoRA adapter, which is saved as a plain
 LoRA and so loads without the plugin.

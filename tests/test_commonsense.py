@@ -4,6 +4,7 @@ accuracy accounting, outputs, and the CLI on base + adapter."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -345,17 +346,49 @@ def test_cli_errors_are_readable(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# GSM8K and the other arithmetic sets (LLM-Adapters evaluate.py: last number, |pred - answer| <= 0.001)
+# GSM8K and the other arithmetic sets (LLM-Adapters evaluate.py at 8166572: prompt lines 141-160, last number lines
+# 272-287, |pred - float(answer)| <= 0.001 lines 94 and 109-112)
+
+GSM8K_FIXTURE_DIR = Path(__file__).parent / "fixtures"
+
+# LLM-Adapters evaluate.py's no-input template (lines 154-160) as the model sees it: every line after the first
+# indented by 16 spaces, a space after "request.". We drop both, so that test prompts equal training prompts.
+UPSTREAM_MATH_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n"
+    "\n"
+    "                ### Instruction:\n"
+    "                {instruction}\n"
+    "\n"
+    "                ### Response:\n"
+    "                "
+)
+
+
+def test_gsm8k_prompt_is_upstream_template_without_indentation():
+    question = "Edgar eats 18 pretzels a day. How many does he eat in a week?"
+    upstream = UPSTREAM_MATH_PROMPT.format(instruction=question)
+    assert build_prompt(question) == "\n".join(line.strip() for line in upstream.split("\n"))
+    assert build_prompt(question) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        f"request.\n\n### Instruction:\n{question}\n\n### Response:\n"
+    )
+    assert build_prompt(question, "") == build_prompt(question)  # the empty `input` of every GSM8K row
 
 
 @pytest.mark.parametrize(
     ("response", "expected"),
     [
         ("Natalia sold 48 + 24 = 72 clips. The answer is 72.", 72.0),  # the last number, trailing period
+        ("The answer is 576.", 576.0),
         ("It costs 1,234 dollars", 1234.0),  # thousands separators removed first
+        ("1,234,567 people live there", 1234567.0),
+        ("The total is $1,234.50.", 1234.5),  # separator and decimals together
         ("The temperature fell to -3.5 degrees", -3.5),
+        ("5 - 15 = -10", -10.0),  # a negative integer
         ("She has 0.25 of the cake left", 0.25),
         ("3 boxes of 7 make 21", 21.0),
+        ("21 is made of 3 boxes of 7", 7.0),  # several numbers: the last, not the largest or the first
+        ("Step 1: 12 - 5 = 7\nStep 2: 7 * 2 = 14\nThe answer is 14", 14.0),
         ("I cannot tell", None),  # no number: wrong
         ("", None),
     ],
@@ -375,12 +408,35 @@ def test_number_tolerance_is_llm_adapters():
         number_is_right(1.0, "seven")
 
 
+def test_number_tolerance_boundary_is_inclusive():
+    from sharelora_plugin.commonsense import NUMBER_TOLERANCE, number_is_right
+
+    assert NUMBER_TOLERANCE == 0.001
+    # |0.001 - 0| is exactly 0.001 in floating point: right under upstream's `<=`, wrong under `<`
+    assert number_is_right(0.001, 0) and number_is_right(-0.001, "0")
+    assert not number_is_right(0.0011, 0) and not number_is_right(-0.0011, "0.0")
+    # gold answers are strings like "576.0" in LLM-Adapters' test.json
+    assert number_is_right(576.0, "576.0") and number_is_right(-10.0, "-10.0")
+    assert not number_is_right(10.0, "-10.0") and not number_is_right(577.0, "576.0")
+
+
 def test_arithmetic_sets_have_the_number_format():
-    from sharelora_plugin.commonsense import NUMBER_FORMAT, infer_answer_format
+    from sharelora_plugin.commonsense import MATH_TASKS, NUMBER_FORMAT, infer_answer_format
 
     assert infer_answer_format("gsm8k", [_row("q", "5")]) == NUMBER_FORMAT
+    assert all(infer_answer_format(task, []) == NUMBER_FORMAT for task in MATH_TASKS)
     assert infer_answer_format("my_math", [_row("q", 3.5), _row("q", "12")]) == NUMBER_FORMAT
     assert infer_answer_format("my_bool", [_row("q", "true")]) == "true_false"
+
+
+def test_gsm8k_fixture_loads_in_llm_adapters_format():
+    from sharelora_plugin.commonsense import NUMBER_FORMAT, infer_answer_format
+
+    rows = load_test_rows(GSM8K_FIXTURE_DIR / "gsm8k" / "test.json")
+    assert [row["answer"] for row in rows] == ["1234.5", "7.0", "234.5", "-10.0"]
+    assert all(set(row) == {"instruction", "input", "output", "answer"} for row in rows)
+    # string answers that happen to be numbers are recognised even under another task name
+    assert infer_answer_format("my_gsm8k_copy", rows) == NUMBER_FORMAT
 
 
 def test_gsm8k_accuracy_with_scripted_replies(smollm2_dir):
@@ -392,45 +448,91 @@ def test_gsm8k_accuracy_with_scripted_replies(smollm2_dir):
         _row("How much money?", "1234"),
         _row("How warm?", -3.5),
         _row("x?", 9),
+        _row("How many tiles?", "576.0"),
+        _row("How many pretzels?", "63.0"),
     ]
     replies = {
         build_prompt(rows[0]["instruction"]): " 48 + 24 = 72. The answer is 72",  # right
         build_prompt(rows[1]["instruction"]): " She has 1,234 dollars",  # right after removing the comma
         build_prompt(rows[2]["instruction"]): " It is -3.4 degrees",  # off by 0.1: wrong
         build_prompt(rows[3]["instruction"]): " no idea",  # no number: wrong, unanswered
+        build_prompt(rows[4]["instruction"]): " 576 tiles\n\n### Response: 12",  # cut at the marker: right
+        # a worked answer longer than the 32 tokens of the label tasks: the arithmetic default of 256 must apply
+        build_prompt(
+            rows[5]["instruction"]
+        ): " Edgar eats 18 pretzels a day. His brother eats 1/2 as many, so he "
+        "eats 18 * 1/2 = 9 pretzels a day. In a week, he eats 9 * 7 = 63 pretzels. The answer is 63.",
     }
     model = ScriptedModel(tokenizer, replies)
     result = evaluate_rows(model, tokenizer, "gsm8k", rows, batch_size=4, num_beams=1, progress=False)
-    assert result.answer_format == "number" and (result.correct, result.total, result.unanswered) == (2, 4, 1)
-    assert [p["pred"] for p in result.predictions] == [72.0, 1234.0, -3.4, ""]
-    assert [p["flag"] for p in result.predictions] == [True, True, False, False]
+    assert result.answer_format == "number" and (result.correct, result.total, result.unanswered) == (4, 6, 1)
+    assert [p["pred"] for p in result.predictions] == [72.0, 1234.0, -3.4, "", 576.0, 63.0]
+    assert [p["flag"] for p in result.predictions] == [True, True, False, False, True, True]
+    assert len(tokenizer(replies[build_prompt(rows[5]["instruction"])])["input_ids"]) > 32
+    assert result.predictions[4]["output_pred"] == "576 tiles"
 
 
-def test_cli_gsm8k_writes_the_same_reports(smollm2_dir, tmp_path):
+def bigram_lm(tokenizer, after_token: int, reply: str, scale: float = 50.0):
+    """A Llama that deterministically generates ``reply`` and then eos after any prompt ending in ``after_token``.
+
+    Its layers add nothing to the residual stream (``o_proj`` and ``down_proj`` are zero), so the last position's
+    hidden state is that token's embedding; each token of the chain gets its own one-hot embedding and the LM head
+    maps it to the next token with a logit of ``scale * sqrt(hidden)``, which beam search cannot leave."""
+    import torch
+
+    ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+    chain = [after_token, *ids]
+    assert len(set(chain)) == len(chain), f"reply tokens must be distinct to form a bigram chain: {chain}"
+    model = tiny_lm(tokenizer, num_layers=1)
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embed.zero_()
+        head.zero_()
+        embed[:, 0] = 1.0  # every other token: state 0, which ends the reply
+        head[eos, 0] = scale
+        for state, (token, following) in enumerate(zip(chain, [*ids, eos], strict=True), start=1):
+            embed[token] = 0.0
+            embed[token, state] = 1.0
+            head[following, state] = scale
+    return model
+
+
+def test_cli_gsm8k_end_to_end_on_fixture(smollm2_dir, tmp_path, capsys):
+    """The CLI's default arithmetic protocol (4 beams, 256 new tokens) on a model that answers every question with
+    "7 boxes cost $1,234.5": only the row whose answer is the last number, separators removed, is right."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    base = tiny_lm(tokenizer, num_layers=2)
-    base.save_pretrained(tmp_path / "base")
+    prompt_end = tokenizer(build_prompt("q"))["input_ids"][-1]
+    reply = " 7 boxes cost $1,234.5"
+    model = bigram_lm(tokenizer, prompt_end, reply)
+    model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    data = tmp_path / "dataset" / "gsm8k"
-    data.mkdir(parents=True)
-    (data / "test.json").write_text(json.dumps([_row(f"What is {k} + {k}?", 2 * k) for k in range(3)]))
     out = tmp_path / "eval"
-    argv = [
-        "--base-model",
-        str(tmp_path / "base"),
-        "--data-dir",
-        str(tmp_path / "dataset"),
-        "--tasks",
-        "gsm8k",
-    ]
-    argv += ["--num-beams", "1", "--max-new-tokens", "4", "--output-dir", str(out), "--no-progress"]
+    argv = ["--base-model", str(tmp_path / "base"), "--data-dir", str(GSM8K_FIXTURE_DIR), "--tasks", "gsm8k"]
+    argv += ["--batch-size", "3", "--device", "cpu", "--output-dir", str(out), "--no-progress"]
     assert main(argv) == 0
-    results = json.loads((out / "commonsense_results.json").read_text())
-    assert results["tasks"]["gsm8k"]["answer_format"] == "number" and results["tasks"]["gsm8k"]["total"] == 3
+
     predictions = [
         json.loads(line) for line in (out / "predictions" / "gsm8k.jsonl").read_text().splitlines()
     ]
-    assert all(p["flag"] == (p["pred"] != "" and abs(p["pred"] - p["answer"]) <= 0.001) for p in predictions)
-    assert "| gsm8k | number | 3 |" in (out / "commonsense_results.md").read_text()
+    assert [p["output_pred"] for p in predictions] == [reply.strip()] * 4  # the model really generated it
+    assert [p["pred"] for p in predictions] == [1234.5] * 4
+    assert [p["answer"] for p in predictions] == ["1234.5", "7.0", "234.5", "-10.0"]  # rows in order
+    assert [p["flag"] for p in predictions] == [True, False, False, False]
+    results = json.loads((out / "commonsense_results.json").read_text())
+    gsm8k = results["tasks"]["gsm8k"]
+    assert (gsm8k["answer_format"], gsm8k["correct"], gsm8k["total"], gsm8k["unanswered"]) == (
+        "number",
+        1,
+        4,
+        0,
+    )
+    assert gsm8k["accuracy"] == 0.25 and results["average"] == 0.25
+    assert results["settings"]["num_beams"] == 4 and "256 (numbers)" in results["settings"]["max_new_tokens"]
+    markdown = (out / "commonsense_results.md").read_text()
+    assert "| gsm8k | number | 4 | 25.0 |" in markdown and markdown in capsys.readouterr().out
