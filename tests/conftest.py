@@ -113,3 +113,20 @@ def tiny_llava(smollm2_dir) -> Path:
     """The tiny LLaVA folder (built once into .cache/tiny_llava; reused while its version stamp matches)."""
     build_tiny = load_script(ROOT / "llava" / "build_tiny.py", "llava_build_tiny_under_test")
     return build_tiny.build()
+
+
+def pad_batches(samples, side: str, batch_size: int) -> list[dict]:
+    """Token-id tensors padded (id 0) on ``side`` into batches with an attention mask, as a tokenizer would."""
+    import torch
+
+    batches = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, s in enumerate(chunk):
+            cols = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+            ids[row, cols], mask[row, cols] = s, 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches

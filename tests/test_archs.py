@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import pad_batches
 from torch import nn
 
 pytestmark = pytest.mark.archs
@@ -221,20 +222,6 @@ def test_ambiguity_lists_the_candidates_and_names_layers_path() -> None:
 # calibration and plan
 
 
-def _padded(samples: list[torch.Tensor], side: str, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    batches = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, s in enumerate(chunk):
-            cols = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
-            ids[row, cols], mask[row, cols] = s, 1
-        batches.append({"input_ids": ids, "attention_mask": mask})
-    return batches
-
-
 # Both paddings run the same real tokens (calibrate derives position_ids from the mask; RoPE only sees offsets) and
 # masked keys get exactly zero weight, so in float32 only the shapes of the reductions can differ. Measured: the
 # matrices are bit-identical for the 15 dense models and differ by at most 6e-9 for the MoE ones. Float32
@@ -256,8 +243,8 @@ def test_calibration_is_padding_independent_and_plans(arch: Arch) -> None:
     samples = [
         torch.randint(3, VOCAB, (int(n),), generator=gen) for n in torch.randint(3, 17, (8,), generator=gen)
     ]
-    right = calibrate(model, _padded(samples, "right", 4), progress=False)
-    left = calibrate(model, _padded(samples, "left", 4), progress=False)
+    right = calibrate(model, pad_batches(samples, "right", 4), progress=False)
+    left = calibrate(model, pad_batches(samples, "left", 4), progress=False)
     assert right.layers_path == arch.layers_path and right.num_samples == len(samples)
     assert right.angular_distance.shape == (NUM_LAYERS, NUM_LAYERS)
     off_diagonal = ~np.eye(NUM_LAYERS, dtype=bool)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import pad_batches, tiny_llama
 
 from sharelora_plugin.calibration import calibrate, last_token_index, pairwise_angular_and_cosine
 from sharelora_plugin.layers import LayerDiscoveryError, find_decoder_layers
@@ -17,22 +17,6 @@ def _samples(num: int, seed: int = 1, vocab: int = 128) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(3, 20, (num,), generator=gen)
     return [torch.randint(1, vocab, (int(n),), generator=gen) for n in lengths]
-
-
-def _pad(samples: list[torch.Tensor], side: str, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    batches = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, s in enumerate(chunk):
-            if side == "right":
-                ids[row, : len(s)], mask[row, : len(s)] = s, 1
-            else:
-                ids[row, width - len(s) :], mask[row, width - len(s) :] = s, 1
-        batches.append({"input_ids": ids, "attention_mask": mask})
-    return batches
 
 
 def _manual_matrix(model, samples: list[torch.Tensor]) -> np.ndarray:
@@ -60,7 +44,7 @@ def _manual_matrix(model, samples: list[torch.Tensor]) -> np.ndarray:
 def test_hooks_match_manual_per_layer_computation():
     model = tiny_llama(num_layers=5)
     samples = _samples(10)
-    result = calibrate(model, _pad(samples, "right", 4), progress=False)
+    result = calibrate(model, pad_batches(samples, "right", 4), progress=False)
     expected = _manual_matrix(model, samples)
     assert result.num_layers == 5
     assert result.num_samples == 10
@@ -72,8 +56,8 @@ def test_hooks_match_manual_per_layer_computation():
 def test_left_and_right_padding_give_the_same_matrix():
     model = tiny_llama(num_layers=6)
     samples = _samples(12, seed=3)
-    right = calibrate(model, _pad(samples, "right", 5), progress=False)
-    left = calibrate(model, _pad(samples, "left", 5), progress=False)
+    right = calibrate(model, pad_batches(samples, "right", 5), progress=False)
+    left = calibrate(model, pad_batches(samples, "left", 5), progress=False)
     np.testing.assert_allclose(left.angular_distance, right.angular_distance, atol=1e-5)
     np.testing.assert_allclose(left.cosine, right.cosine, atol=1e-5)
 
@@ -81,14 +65,14 @@ def test_left_and_right_padding_give_the_same_matrix():
 def test_batch_size_does_not_change_the_matrix():
     model = tiny_llama(num_layers=4)
     samples = _samples(9, seed=4)
-    one = calibrate(model, _pad(samples, "right", 1), progress=False)
-    many = calibrate(model, _pad(samples, "right", 9), progress=False)
+    one = calibrate(model, pad_batches(samples, "right", 1), progress=False)
+    many = calibrate(model, pad_batches(samples, "right", 9), progress=False)
     np.testing.assert_allclose(one.angular_distance, many.angular_distance, atol=1e-6)
 
 
 def test_similarity_metrics_and_symmetry():
     model = tiny_llama(num_layers=4)
-    result = calibrate(model, _pad(_samples(6), "right", 3), progress=False)
+    result = calibrate(model, pad_batches(_samples(6), "right", 3), progress=False)
     ang = result.similarity("angular")
     cos = result.similarity("cosine")
     np.testing.assert_allclose(ang, ang.T, atol=1e-12)
@@ -103,7 +87,7 @@ def test_similarity_metrics_and_symmetry():
 def test_model_state_is_restored_and_hooks_removed():
     model = tiny_llama(num_layers=3)
     model.train()
-    calibrate(model, _pad(_samples(2), "right", 2), progress=False)
+    calibrate(model, pad_batches(_samples(2), "right", 2), progress=False)
     assert model.training
     assert all(not layer._forward_hooks for layer in model.model.layers)
 
