@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sharelora_plugin.layers import backbone_without_head, find_decoder_layers
+from sharelora_plugin.multimodal import computes_own_positions
 
 # Per-sample angular distances and cosines are kept as float32: N * L * L * 4 bytes each, 8 * N * L^2 together.
 # 1 GiB is ~130,000 samples of a 32-layer model or ~21,000 of an 80-layer one; far beyond any calibration set.
@@ -119,9 +120,14 @@ class _LastTokenCapture:
         return hook
 
     def take(self) -> torch.Tensor:
-        missing = [i for i, t in enumerate(self.captured) if t is None]
-        if missing:
-            raise RuntimeError(f"decoder layers {missing} did not run during calibration")
+        """The captured outputs, [L, B, H]. A layer the model skipped passed its input on unchanged (Llama 3.2
+        Vision skips its cross-attention layers for a batch without images), so its output is the previous
+        layer's; a model that skips its first layer is an error."""
+        for i, captured in enumerate(self.captured):
+            if captured is None:
+                if i == 0:
+                    raise RuntimeError("the first decoder layer did not run during calibration")
+                self.captured[i] = self.captured[i - 1]
         stacked = torch.stack(self.captured)  # [L, B, H]
         self.captured = [None] * len(self.layers)
         return stacked
@@ -229,7 +235,9 @@ def calibrate(
                 mask = batch["attention_mask"]
                 capture.index = last_token_index(mask)
                 inputs = dict(batch)
-                if "position_ids" not in inputs:
+                if computes_own_positions(model, inputs):
+                    inputs.pop("position_ids", None)
+                elif "position_ids" not in inputs:
                     # real tokens keep positions 0..n-1 under left padding too, as in generation
                     inputs["position_ids"] = (mask.to(torch.long).cumsum(dim=1) - 1).clamp_(min=0)
                 inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}

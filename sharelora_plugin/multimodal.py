@@ -29,7 +29,7 @@ import base64
 import io
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,16 @@ LOG = logging.getLogger("axolotl.integrations.sharelora")
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_KEYS = ("image", "path", "url", "base64")
 ROLE_OF = {"human": "user", "gpt": "assistant"}
-# Processor outputs that hold one entry per image (not per token) and are passed to the model as they are.
-PER_IMAGE_KEYS = ("pixel_values", "image_sizes")
+TEXT_KEYS = ("input_ids", "attention_mask")
+# Processor outputs with one entry per token (padded like the input ids): Gemma 3's token_type_ids, Qwen2-VL's
+# mm_token_type_ids, Llama 3.2 Vision's cross_attention_mask [seq, images, tiles]. Integer outputs shaped
+# [1, seq, ...] are treated the same.
+PER_TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids", "cross_attention_mask")
+# Outputs that mark a layout with one entry per row (not per image): Idefics3/SmolVLM [rows, images, ...] with a
+# pixel mask, Llama 3.2 Vision [rows, images, tiles, ...] with aspect ratios. A text-only row then gets zeros
+# (no image: Idefics3 drops all-zero images; mllama's cross-attention mask is 0 for it).
+ROW_LAYOUT_KEYS = ("pixel_attention_mask", "aspect_ratio_ids", "aspect_ratio_mask")
+VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
 
 
 class VisualCalibrationError(ValueError):
@@ -56,6 +64,15 @@ class EncodedSample:
     per_image: dict[str, torch.Tensor]
     num_images: int
     num_image_tokens: int
+    per_token: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class VisualBatches(list):
+    """Calibration batches (a list of model-input dicts) that also know how many images each batch holds."""
+
+    def __init__(self, batches: Sequence[dict[str, torch.Tensor]], images_per_batch: Sequence[int]):
+        super().__init__(batches)
+        self.images_per_batch = list(images_per_batch)
 
 
 def is_multimodal(model: torch.nn.Module) -> bool:
@@ -213,9 +230,32 @@ def encode_sample(
                 f"{len(ids)} tokens ({num_image_tokens} of them image tokens); raise max_length"
             )
         ids = ids[:max_length]
-    per_image = {k: enc[k] for k in PER_IMAGE_KEYS if k in enc and enc[k] is not None}
+    full_length = int(enc["input_ids"].shape[1])
+    per_token, per_image = {}, {}
+    for key, value in enc.items():
+        if key in TEXT_KEYS or not isinstance(value, torch.Tensor):
+            continue
+        if _is_per_token(key, value, full_length):
+            per_token[key] = value[0, : len(ids)]
+        else:
+            per_image[key] = value
     return EncodedSample(
-        input_ids=ids, per_image=per_image, num_images=len(images), num_image_tokens=num_image_tokens
+        input_ids=ids,
+        per_image=per_image,
+        num_images=len(images),
+        num_image_tokens=num_image_tokens,
+        per_token=per_token,
+    )
+
+
+def _is_per_token(key: str, value: torch.Tensor, length: int) -> bool:
+    if key in PER_TOKEN_KEYS:
+        return True
+    return (
+        not value.is_floating_point()
+        and value.dim() >= 2
+        and value.shape[0] == 1
+        and value.shape[1] == length
     )
 
 
@@ -230,7 +270,10 @@ def pad_samples(
     tokenizer, samples: Sequence[EncodedSample], *, pixel_dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """Pad samples into one batch on the tokenizer's padding side; ``position_ids`` count real tokens only
-    (0 for padding); per-image tensors are concatenated in row order, as the model consumes them."""
+    (0 for padding). Per-token outputs are padded like the ids (with 0). Per-image outputs are concatenated in row
+    order, as the model consumes them, each first zero-padded to the largest shape in the batch: LLaVA-NeXT's
+    patch count per image (the model keeps ``image_sizes``' share), Pixtral's height and width (cropped back by
+    ``image_sizes``), Idefics3's and mllama's images per row (all-zero images / zero masks are padding to them)."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     width = max(len(s.input_ids) for s in samples)
@@ -244,13 +287,48 @@ def pad_samples(
         attention_mask[row, cols] = 1
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-    for key in PER_IMAGE_KEYS:
-        parts = [s.per_image[key] for s in samples if key in s.per_image]
-        if parts:
-            batch[key] = torch.cat(parts, dim=0)
+    for key in dict.fromkeys(k for s in samples for k in s.per_token):
+        parts = [s.per_token.get(key) for s in samples]
+        like = next(p for p in parts if p is not None)
+        trailing = _max_shape([p.shape[1:] for p in parts if p is not None])
+        out = torch.zeros((len(samples), width, *trailing), dtype=like.dtype)
+        for row, part in enumerate(parts):
+            if part is not None:
+                n = part.shape[0]
+                cols = slice(width - n, width) if left else slice(0, n)
+                out[(row, cols, *(slice(0, d) for d in part.shape[1:]))] = part
+        batch[key] = out
+    row_layout = any(key in s.per_image for s in samples for key in ROW_LAYOUT_KEYS)
+    for key in dict.fromkeys(k for s in samples for k in s.per_image):
+        parts = [s.per_image.get(key) for s in samples]
+        like = next(p for p in parts if p is not None)
+        if row_layout:  # one entry per row: a row without images gets an empty (all-zero) one
+            parts = [
+                p if p is not None else torch.zeros((1, *like.shape[1:]), dtype=like.dtype) for p in parts
+            ]
+        parts = [p for p in parts if p is not None]
+        trailing = _max_shape([p.shape[1:] for p in parts])
+        batch[key] = torch.cat([_zero_pad(p, trailing) for p in parts], dim=0)
     if pixel_dtype is not None and "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(pixel_dtype)
     return batch
+
+
+def _max_shape(shapes: Sequence[torch.Size]) -> tuple[int, ...]:
+    ranks = {len(shape) for shape in shapes}
+    if len(ranks) != 1:
+        raise VisualCalibrationError(
+            f"processor outputs of different ranks cannot be batched: {list(shapes)}"
+        )
+    return tuple(max(dims) for dims in zip(*shapes, strict=True)) if shapes and shapes[0] else ()
+
+
+def _zero_pad(tensor: torch.Tensor, trailing: tuple[int, ...]) -> torch.Tensor:
+    if tuple(tensor.shape[1:]) == trailing:
+        return tensor
+    out = torch.zeros((tensor.shape[0], *trailing), dtype=tensor.dtype)
+    out[(slice(None), *(slice(0, d) for d in tensor.shape[1:]))] = tensor
+    return out
 
 
 def visual_text_batches(
@@ -295,14 +373,13 @@ def visual_text_batches(
     order = list(range(len(samples)))
     if sort_by_length:
         order.sort(key=lambda i: len(samples[i].input_ids))
-    return [
-        pad_samples(
-            processor.tokenizer,
-            [samples[i] for i in order[start : start + batch_size]],
-            pixel_dtype=pixel_dtype,
-        )
-        for start in range(0, len(order), batch_size)
+    chunks = [
+        [samples[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)
     ]
+    return VisualBatches(
+        [pad_samples(processor.tokenizer, chunk, pixel_dtype=pixel_dtype) for chunk in chunks],
+        [sum(s.num_images for s in chunk) for chunk in chunks],
+    )
 
 
 def load_calibration_processor(cfg: Any, tokenizer):
@@ -356,17 +433,37 @@ def calibration_image_roots(source: str, calibration: Mapping[str, Any]) -> list
     return roots
 
 
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The vision encoder of a VLM (``vision_tower`` in LLaVA/Gemma 3/Mistral 3, ``visual`` in Qwen2-VL,
+    ``vision_model`` in Idefics3/SmolVLM/mllama), on the model or its inner ``model``; ``None`` for text models."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for owner in (getattr(base, "model", None), base):
+        for name in VISION_TOWER_NAMES:
+            tower = getattr(owner, name, None) if owner is not None else None
+            if isinstance(tower, torch.nn.Module):
+                return tower
+    return None
+
+
 def vision_dtype(model: torch.nn.Module) -> torch.dtype | None:
     """The dtype of the vision tower's weights (what ``pixel_values`` must be cast to), if there is one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", base)
-    tower = getattr(inner, "vision_tower", None) or getattr(base, "vision_tower", None)
+    tower = vision_tower(model)
     if tower is None:
         return None
     for param in tower.parameters():
         if param.is_floating_point():
             return param.dtype
     return None
+
+
+def computes_own_positions(model: torch.nn.Module, batch: Mapping[str, Any]) -> bool:
+    """True when the model must derive the position ids itself: multimodal RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+    GLM-4V …: a ``get_rope_index`` that gives image tokens 3-D positions from ``image_grid_thw`` and skips padding
+    by the attention mask). A text-only batch of such a model takes ordinary 1-D positions."""
+    if batch.get("image_grid_thw") is None and batch.get("video_grid_thw") is None:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return any(hasattr(owner, "get_rope_index") for owner in (base, getattr(base, "model", None)))
 
 
 def _cfg_get(cfg: Any, key: str) -> Any:

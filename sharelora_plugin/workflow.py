@@ -303,11 +303,11 @@ def run_calibration(model, tokenizer, settings: dict, cfg: Any, base_rank: int =
         )
     if modality == "visual-text":
         images, seen = 0, 0
-        for batch in batches:  # only the batches that ran
+        for batch, count in zip(batches, batches.images_per_batch, strict=True):  # only the batches that ran
             if seen >= result.num_samples:
                 break
             seen += int(batch["attention_mask"].shape[0])
-            images += int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0
+            images += count
         result.settings["num_images"] = images
     return result
 
