@@ -29,7 +29,10 @@ MODEL_CONFIG = {
     "llama2": "llama2-7b.json",
     "llama3_8b": "llama3-8b.json",
     "llava15_7b": "vicuna-7b-v1.5.json",  # LLaVA-1.5-7B's language model; LoRA goes on it only
+    "qwen2_5_vl_7b": "qwen2.5-vl-7b.json",  # Qwen2.5-VL-7B's language model
 }
+# regex targets (the language model of a VLM) counted as these projections
+VLM_MODELS = ("llava15_7b", "qwen2_5_vl_7b")
 
 # recipe -> (exact count on the meta device, the paper's number in millions or None where it prints none or an
 # inconsistent one). Per rank and layer: 54,784 (LLaMA-7B/2-7B, q k v up down), 55,296 (LLaMA3-8B), 78,080
@@ -48,6 +51,7 @@ BUDGETS = {
     "llama2_table1_naive_share": (10_518_528, None),
     "llava15_7b_lora": (159_907_840, None),
     "llava15_7b_sharelora": (139_372_800, 139.4),  # paper sets at r 85
+    "qwen2_5_vl_7b_sharelora": (161_480_704, None),  # no paper sets: the LoRA budget, ShareLoRA's upper bound
 }
 CPU_RECIPES = {"smollm2_sharelora", "tiny_llava_sharelora"}
 
@@ -68,11 +72,11 @@ def _count(recipe: str, capsys) -> dict:
         sets = {
             "manual": block.get("share_sets"),
             "alternate": alternate_share_sets(32),
-            "greedy": PAPER_SETS[model],
+            "greedy": PAPER_SETS.get(model, []),
         }[strategy]
         expansion = block.get("rank_expansion", False)
         rank = expanded_rank(32, sets, lora_r) if expansion is True else (expansion or lora_r)
-    targets = LLAVA_TARGETS if model == "llava15_7b" else ",".join(raw["lora_target_modules"])
+    targets = LLAVA_TARGETS if model in VLM_MODELS else ",".join(raw["lora_target_modules"])
     argv = [
         "params",
         "--model-config",

@@ -39,9 +39,20 @@ ADAPTER_KEYS = {"plugins", "adapter", "sharelora", "output_dir"}
 
 def _stand_in_config(name: str):
     """An offline config of the architecture family a Hub id (or an unbuilt local folder) names."""
-    from transformers import LlamaConfig, LlavaConfig
+    from transformers import LlamaConfig, LlavaConfig, Qwen2_5_VLConfig
 
     lowered = name.lower()
+    if "qwen2.5-vl-7b" in lowered:
+        return Qwen2_5_VLConfig(
+            text_config={
+                "hidden_size": 3584,
+                "intermediate_size": 18944,
+                "num_hidden_layers": 28,
+                "num_attention_heads": 28,
+                "num_key_value_heads": 4,
+                "vocab_size": 152064,
+            }
+        )
     if "llava" in lowered:
         return LlavaConfig()
     if "llama-3" in lowered:

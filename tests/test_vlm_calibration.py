@@ -13,6 +13,9 @@ images and one none. For each model:
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tiny_vlms
@@ -26,6 +29,8 @@ from sharelora_plugin.layers import find_decoder_layers
 from sharelora_plugin.planning import make_plan
 
 pytestmark = pytest.mark.archs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # image sizes (height, width) chosen so every family gets at least two different per-image shapes
 SIZES = [(56, 84), (112, 56), (40, 40), (64, 120)]
@@ -188,3 +193,83 @@ def test_plan_keeps_layer_kinds_apart(vlm) -> None:
         assert kinds.uniform
         assert plan.share_sets == [list(range(tiny_vlms.NUM_LAYERS))]
     assert torch.isfinite(torch.as_tensor(result.angular_distance)).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# README table: model_type -> (what the processor gives per image / per row, what is tested, result and notes)
+CALIBRATION = "batched = one at a time, = model's own forward, LM layers only, plan"
+TABLE = {
+    "llava": (
+        "`pixel_values` [images, 3, H, W]",
+        "calibration (tests/test_llava_calibration.py), `axolotl.cli.train` (tests/test_llava_e2e.py)",
+        "pass",
+    ),
+    "llava_next": (
+        "`pixel_values` [images, patches, 3, H, W] (patch count varies: zero-padded), `image_sizes`",
+        CALIBRATION,
+        "pass",
+    ),
+    "qwen2_vl": (
+        "`pixel_values` [patches, 1176], `image_grid_thw`, `mm_token_type_ids`; M-RoPE positions left to the model",
+        f"{CALIBRATION}; one step of `axolotl.cli.train` (tests/test_vlm_train.py)",
+        "pass (note: the test builds the processor without its video processor, which needs torchvision)",
+    ),
+    "qwen2_5_vl": (
+        "as Qwen2-VL",
+        f"{CALIBRATION}; recipes/qwen2_5_vl_7b_sharelora.yml validated",
+        "pass (note: as Qwen2-VL)",
+    ),
+    "gemma3": (
+        "`pixel_values` [images, 3, H, W], `token_type_ids` per token",
+        f"{CALIBRATION}; one step of `axolotl.cli.train` (tests/test_vlm_train.py)",
+        "pass",
+    ),
+    "mistral3": (
+        "`pixel_values` [images, 3, H, W] (H, W vary: zero-padded), `image_sizes`",
+        CALIBRATION,
+        "pass (note: transformers' Pixtral processor module imports torchvision; the test gives it the PIL image "
+        "processor's helper)",
+    ),
+    "idefics3": (
+        "`pixel_values` [rows, images, 3, H, W], `pixel_attention_mask` (images per row vary: zero-padded)",
+        CALIBRATION,
+        "pass",
+    ),
+    "smolvlm": (
+        "as Idefics3",
+        CALIBRATION,
+        "pass (note: its processor needs `num2words`; built without its video processor)",
+    ),
+    "mllama": (
+        "`pixel_values` [rows, images, tiles, 3, H, W], `aspect_ratio_ids`/`_mask`, `cross_attention_mask` per token",
+        f"{CALIBRATION}; cross-attention layers are their own layer kind",
+        "pass",
+    ),
+}
+
+
+def readme_table() -> str:
+    """The README's "Supported vision-language models" table, rendered from :data:`TABLE`."""
+    rows = [
+        "| VLM (`model_type`) | Processor outputs batched | Tested | Result |",
+        "|---|---|---|---|",
+    ]
+    rows += [
+        f"| `{name}` | {outputs} | {tested} | {result} |" for name, (outputs, tested, result) in TABLE.items()
+    ]
+    return "\n".join(rows)
+
+
+def test_readme_table_lists_every_tested_vlm() -> None:
+    assert set(TABLE) == set(tiny_vlms.BUILDERS) | {"llava"}
+    text = (ROOT / "README.md").read_text()
+    section = re.search(r"^## Supported vision-language models\n(.*?)^## ", text, re.S | re.M)
+    assert section, "README.md needs a '## Supported vision-language models' section"
+    table = "\n".join(line for line in section.group(1).splitlines() if line.startswith("|"))
+    assert table == readme_table(), (
+        "README table is stale: paste the output of `python tests/test_vlm_calibration.py`"
+    )
+
+
+if __name__ == "__main__":
+    print(readme_table())

@@ -383,3 +383,43 @@ BUILDERS: dict[str, Callable] = {
     "smolvlm": smolvlm,
     "mllama": mllama,
 }
+
+
+# The processor class a saved Qwen2-VL / Qwen2.5-VL / SmolVLM folder names in its ``auto_map``: transformers' own
+# processor without the video processor (which needs torchvision), loaded with ``trust_remote_code``.
+_REMOTE_PROCESSOR = '''\
+import transformers
+
+
+class ImageOnlyProcessor(transformers.{name}):
+    """transformers.{name} without its video processor (which needs torchvision)."""
+
+    @classmethod
+    def get_attributes(cls):
+        return [a for a in super().get_attributes() if a != "video_processor"]
+'''
+
+
+def save(name: str, smollm2_dir: Path, out: Path) -> Path:
+    """Build model ``name`` and save it with its processor (tokenizer, image processor, chat template) to
+    ``out``, loadable by ``AutoProcessor`` — with ``trust_remote_code`` for the processors that hold a video
+    processor, which then load without it."""
+    import json
+
+    model, processor = BUILDERS[name](smollm2_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if getattr(processor, "video_processor", "absent") == "absent":
+        processor.save_pretrained(out)
+        return out
+    processor.tokenizer.save_pretrained(out)
+    processor.image_processor.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(processor.chat_template)
+    base = type(processor).__mro__[1].__name__
+    (out / "processing_image_only.py").write_text(_REMOTE_PROCESSOR.format(name=base))
+    config = {
+        "processor_class": base,
+        "auto_map": {"AutoProcessor": "processing_image_only.ImageOnlyProcessor"},
+    }
+    (out / "processor_config.json").write_text(json.dumps(config, indent=2))
+    return out
