@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,11 +41,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sharelora_plugin.conversations import (
+    FROM_OF,
+    IMAGE_PLACEHOLDER,
+    ConversationError,
+    conversations_to_messages,
+)
+from sharelora_plugin.planning.files import read_jsonl, write_jsonl
+
 LOG = logging.getLogger("llava.convert_instruct")
 
-IMAGE_PLACEHOLDER = "<image>"
-ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-FROM_OF = {"user": "human", "assistant": "gpt", "system": "system"}
 # The conversation system prompt of upstream LLaVA-1.5 (``conv_vicuna_v1``), for --system-prompt vicuna_v1.
 VICUNA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -87,26 +91,6 @@ class ConversionReport:
         return line
 
 
-def split_placeholders(value: str) -> list[str | None]:
-    """Split a turn's text at ``<image>``: text parts as strings, each placeholder as ``None``.
-
-    The newline that upstream puts between the placeholder and the text is removed with it; empty text parts are
-    dropped. ``"<image>\\nWhat is it?"`` → ``[None, "What is it?"]``.
-    """
-    pieces = value.split(IMAGE_PLACEHOLDER)
-    parts: list[str | None] = []
-    for k, piece in enumerate(pieces):
-        if k > 0:
-            parts.append(None)
-            if piece.startswith("\n"):
-                piece = piece[1:]
-        if k < len(pieces) - 1 and piece.endswith("\n"):
-            piece = piece[:-1]
-        if piece:
-            parts.append(piece)
-    return parts
-
-
 def convert_record(
     record: dict[str, Any],
     *,
@@ -122,8 +106,6 @@ def convert_record(
     if not isinstance(record, dict):
         raise RecordError(f"bad record: expected an object, got {type(record).__name__}")
     turns = record.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise RecordError("bad record: no 'conversations' list")
     image_name = record.get("image")
     if isinstance(image_name, list):
         if len(image_name) != 1:
@@ -137,33 +119,12 @@ def convert_record(
         if check_images and not path.is_file():
             raise RecordError(f"missing image: {path}")
         image_entry = {"type": "image", "path": str(path.resolve() if absolute else path)}
-    messages: list[dict[str, Any]] = []
-    if system_prompt:
-        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-    placed = 0
-    for k, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise RecordError(f"bad record: turn {k} has no string 'value'")
-        role = ROLE_OF.get(str(turn.get("from", "")).lower())
-        if role is None:
-            raise RecordError(f"bad record: turn {k} has unknown role from={turn.get('from')!r}")
-        content: list[dict[str, Any]] = []
-        for part in split_placeholders(turn["value"]):
-            if part is None:
-                placed += 1
-                if image_entry is None or placed > 1:
-                    raise RecordError(
-                        f"bad record: turn {k} has an {IMAGE_PLACEHOLDER} placeholder without a matching image"
-                    )
-                content.append(dict(image_entry))
-            else:
-                content.append({"type": "text", "text": part})
-        messages.append({"role": role, "content": content})
-    if image_entry is not None and placed == 0:
-        first_user = next((m for m in messages if m["role"] == "user"), None)
-        if first_user is None:
-            raise RecordError("bad record: an image but no user turn to attach it to")
-        first_user["content"].insert(0, dict(image_entry))
+    try:
+        messages = conversations_to_messages(
+            turns, [image_entry] if image_entry is not None else [], system_prompt=system_prompt
+        )
+    except ConversationError as err:
+        raise RecordError(f"bad record: {err}") from None
     # No top-level ``image`` column: Axolotl's multimodal collator would read it as a list of images.
     return {"id": record.get("id"), "messages": messages}
 
@@ -198,10 +159,9 @@ def to_upstream(row: dict[str, Any], image_root: Path | None = None) -> dict[str
 
 def read_records(path: Path) -> list[Any]:
     """Records of a ``.json`` list (upstream) or a ``.jsonl`` file (one record per line)."""
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
+        return read_jsonl(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data
@@ -239,19 +199,6 @@ def convert_records(
         if not any(p.get("type") == "image" for m in row["messages"] for p in m["content"]):
             report.text_only += 1
         yield row
-
-
-def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Write rows atomically (a temp file renamed into place); returns how many were written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    count = 0
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    os.replace(tmp, path)
-    return count
 
 
 def convert_file(

@@ -54,6 +54,9 @@ import openai
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from sharelora_plugin.planning.files import read_jsonl as read_jsonl_file
+from sharelora_plugin.planning.rules import PlanError
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared JSONL module beside this script
 from resumable_jsonl import ForeignFileError, JsonlAppender, resume_own_jsonl  # noqa: E402
 
@@ -155,18 +158,13 @@ class RunTally:
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSONL file into a list of objects, skipping blank lines; a bad line raises with its line number."""
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InputError(f"{path}:{number}: not valid JSON ({error.msg})") from error
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+    try:
+        records = read_jsonl_file(path)
+    except PlanError as error:
+        raise InputError(str(error)) from error
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise InputError(f"{path}: record {number}: expected a JSON object, got {type(record).__name__}")
     return records
 
 

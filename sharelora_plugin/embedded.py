@@ -16,13 +16,14 @@ records the versions it was built from, so a second run takes well under a secon
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from sharelora_plugin.planning.files import write_jsonl
 
 LOG = logging.getLogger("sharelora.embedded")
 
@@ -142,14 +143,6 @@ def _chatterbot_rows(zf: zipfile.ZipFile) -> list[dict]:
     return rows
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def prepare_data(force: bool = False) -> Path:
     """Write ``lee_background.jsonl``, ``lee_test.jsonl`` (``{"text"}``) and ``chatterbot_en.jsonl``
     (``{"messages"}``) under :func:`data_dir`."""
@@ -161,9 +154,9 @@ def prepare_data(force: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(_download_wheel(GENSIM_WHEEL)) as zf:
         for name, member in LEE_MEMBERS.items():
-            _write_jsonl(out / f"{name}.jsonl", _lee_rows(zf.read(member)))
+            write_jsonl(out / f"{name}.jsonl", _lee_rows(zf.read(member)))
     with zipfile.ZipFile(_download_wheel(CHATTERBOT_WHEEL)) as zf:
-        _write_jsonl(out / "chatterbot_en.jsonl", _chatterbot_rows(zf))
+        write_jsonl(out / "chatterbot_en.jsonl", _chatterbot_rows(zf))
     marker.write_text(stamp)
     return out
 

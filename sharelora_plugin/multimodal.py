@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import io
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +34,10 @@ from typing import Any
 
 import torch
 
-LOG = logging.getLogger("axolotl.integrations.sharelora")
+from sharelora_plugin.conversations import IMAGE_PLACEHOLDER, ConversationError, conversations_to_messages
+from sharelora_plugin.distributed import LOG
 
-IMAGE_PLACEHOLDER = "<image>"
 IMAGE_KEYS = ("image", "path", "url", "base64")
-ROLE_OF = {"human": "user", "gpt": "assistant"}
 TEXT_KEYS = ("input_ids", "attention_mask")
 # Processor outputs with one entry per token (padded like the input ids): Gemma 3's token_type_ids, Qwen2-VL's
 # mm_token_type_ids, Llama 3.2 Vision's cross_attention_mask [seq, images, tiles]. Integer outputs shaped
@@ -143,23 +141,6 @@ def _content_list(content: Any) -> list[dict]:
     raise TypeError(f"message content must be a string or a list, got {type(content).__name__}")
 
 
-def _from_conversations(turns: list[dict]) -> tuple[list[dict], int]:
-    """LLaVA/ShareGPT turns → messages; ``<image>`` placeholders become bare image entries."""
-    messages, placeholders = [], 0
-    for turn in turns:
-        role = ROLE_OF.get(turn.get("from"), turn.get("from"))
-        content: list[dict] = []
-        for k, piece in enumerate(str(turn.get("value", "")).split(IMAGE_PLACEHOLDER)):
-            if k > 0:
-                content.append({"type": "image"})
-                placeholders += 1
-            piece = piece.strip("\n")
-            if piece:
-                content.append({"type": "text", "text": piece})
-        messages.append({"role": role, "content": content})
-    return messages, placeholders
-
-
 def row_to_messages(
     row: Mapping[str, Any], *, messages_field: str = "messages", image_roots: Sequence[Path] = ()
 ) -> tuple[list[dict], list[Any]]:
@@ -170,7 +151,13 @@ def row_to_messages(
             {"role": m["role"], "content": _content_list(m.get("content"))} for m in row[messages_field]
         ]
     elif isinstance(row.get("conversations"), list):
-        messages, _ = _from_conversations(row["conversations"])
+        # upstream LLaVA rows: placeholders → bare image entries, filled from the image column below
+        column = row.get("images", row.get("image"))
+        count = 0 if column is None else len(column) if isinstance(column, list) else 1
+        try:
+            messages = conversations_to_messages(row["conversations"], [{"type": "image"}] * count)
+        except ConversationError as err:
+            raise VisualCalibrationError(str(err)) from None
     else:
         raise VisualCalibrationError(
             f"no {messages_field!r} messages and no 'conversations' (columns: {sorted(row)}); "

@@ -22,10 +22,9 @@ from __future__ import annotations
 from typing import Any
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
-from axolotl.utils.logging import get_logger
 from transformers import TrainerCallback
 
-from sharelora_plugin import workflow
+from sharelora_plugin import distributed, workflow
 from sharelora_plugin.planning import SharePlan
 from sharelora_plugin.tying import (
     tie_layout_fingerprint,
@@ -35,7 +34,7 @@ from sharelora_plugin.tying import (
     verify_ties,
 )
 
-LOG = get_logger("axolotl.integrations.sharelora")
+LOG = distributed.main_process_logger()
 ADAPTER = "sharelora"
 
 
@@ -92,7 +91,7 @@ class ShareLoRAPlugin(BasePlugin):
         self._aliased_from[id(cfg)] = cfg.get("adapter")
         alias_adapter(cfg)
         if _enabled(cfg):
-            workflow.init_cpu_process_group()
+            distributed.init_cpu_process_group()
 
     def on_config_validation_error(self, cfg: dict):
         original = self._aliased_from.pop(id(cfg), None)
@@ -109,7 +108,7 @@ class ShareLoRAPlugin(BasePlugin):
         # The first hook after Axolotl's normalize_config, which maps each rank to accelerator index
         # LOCAL_RANK even on a CPU-only machine; there, multi-process (gloo) ranks load onto the CPU.
         # Returns None: Axolotl loads the datasets as usual.
-        if _enabled(cfg) and workflow.cpu_only_multiprocess():
+        if _enabled(cfg) and distributed.cpu_only_multiprocess():
             cfg.device_map = {"": "cpu"}
         return None
 
@@ -163,13 +162,13 @@ class ShareLoRAPlugin(BasePlugin):
             f"{self.plan.metadata['trainable_params']:,}",
         )
         # every process logs what it built: a multi-process run must show one plan and one layout
-        workflow.log_all_ranks(
+        distributed.log_all_ranks(
             "ShareLoRA rank %d: plan %s, tie layout %s",
-            workflow.process_index(),
+            distributed.process_index(),
             self.plan.fingerprint(),
             tie_layout_fingerprint(model, layers_path=report.layers_path),
         )
-        if cfg.output_dir and workflow.is_main_process():
+        if cfg.output_dir and distributed.is_main_process():
             written = workflow.save_plan_artifacts(
                 self.plan, cfg.output_dir, heatmap=settings["save_heatmap"], per_sample=self.per_sample
             )
@@ -184,8 +183,8 @@ class ShareLoRAPlugin(BasePlugin):
     def post_train(self, cfg, model):
         if _enabled(cfg) and self.plan is not None:
             verify_ties(model, self.plan.share_sets, layers_path=self.plan.metadata.get("layers_path"))
-            workflow.log_all_ranks(
+            distributed.log_all_ranks(
                 "ShareLoRA rank %d: ties hold after training; trainable checksum %s",
-                workflow.process_index(),
+                distributed.process_index(),
                 trainable_checksum(model),
             )

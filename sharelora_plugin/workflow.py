@@ -6,13 +6,12 @@ ignorant of the others.
 
 from __future__ import annotations
 
-import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from sharelora_plugin.calibration import CalibrationResult, calibrate, text_batches
+from sharelora_plugin.distributed import LOG, distributed_state, process_index
 from sharelora_plugin.layer_kinds import layer_kinds
 from sharelora_plugin.layers import find_decoder_layers
 from sharelora_plugin.multimodal import (
@@ -35,8 +34,6 @@ from sharelora_plugin.planning import (
     similarity_from_distances,
 )
 from sharelora_plugin.planning.rules import check_layer_kinds
-
-LOG = logging.getLogger("axolotl.integrations.sharelora")
 
 PLAN_FILENAME = "sharelora_plan.json"
 HEATMAP_FILENAME = "sharelora_similarity.png"
@@ -385,7 +382,7 @@ def make_or_load_plan(cfg: Any, model, tokenizer_loader) -> tuple[SharePlan, str
             plan, model, settings, str(source), None if _get(cfg, "lora_model_dir") else base_rank
         )
         return plan, str(source), per_sample_beside(source)
-    state = _distributed_state()
+    state = distributed_state()
     plan_dict = None
     per_sample = None
     if state is None or state.is_main_process:
@@ -415,53 +412,6 @@ def per_sample_beside(plan_path: str | Path) -> PerSample | None:
     except PlanError as err:
         LOG.warning("ShareLoRA: ignoring %s (%s)", path, err)
         return None
-
-
-def _distributed_state():
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from accelerate import PartialState
-
-    return PartialState()
-
-
-def cpu_only_multiprocess() -> bool:
-    """A multi-process launch on a machine without CUDA (DDP over gloo)."""
-    import torch
-
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
-def init_cpu_process_group() -> None:
-    """On a CPU-only multi-process launch, make accelerate's process state multi-CPU (gloo): otherwise it is
-    created single-process, the Trainer does not wrap the model in DDP and every rank trains alone."""
-    if cpu_only_multiprocess():
-        from accelerate import PartialState
-
-        # `accelerate launch --multi_gpu` exports ACCELERATE_USE_CPU=False; the Trainer re-creates the state
-        # from it, so it must say CPU too
-        os.environ["ACCELERATE_USE_CPU"] = "true"
-        state = PartialState(cpu=True)
-        if state.num_processes < 2:
-            LOG.warning(
-                "WORLD_SIZE>1 but accelerate's process state is single-process; gradients will not sync"
-            )
-
-
-def process_index() -> int:
-    """This process's rank (0 in single-process runs)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def log_all_ranks(message: str, *args: Any) -> None:
-    """Log on every process (Axolotl's adapter logs on the main process only)."""
-    LOG.info(message, *args)
-
-
-def is_main_process() -> bool:
-    """True on the process that writes files (rank 0) and in single-process runs."""
-    state = _distributed_state()
-    return state is None or state.is_main_process
 
 
 def save_plan_artifacts(

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import load_script
 
+from sharelora_plugin.conversations import split_placeholders
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "llava" / "convert_instruct.py"
 SAMPLE = ROOT / "tests" / "fixtures" / "llava" / "llava_instruct_sample.json"
@@ -99,9 +101,9 @@ def test_system_prompt_and_unchecked_images(image_root: Path) -> None:
 
 
 def test_split_placeholders_canonical_forms() -> None:
-    assert convert.split_placeholders("<image>\nWhat is it?") == [None, "What is it?"]
-    assert convert.split_placeholders("What is it?\n<image>") == ["What is it?", None]
-    assert convert.split_placeholders("No image here.") == ["No image here."]
+    assert split_placeholders("<image>\nWhat is it?") == [None, "What is it?"]
+    assert split_placeholders("What is it?\n<image>") == ["What is it?", None]
+    assert split_placeholders("No image here.") == ["No image here."]
 
 
 def test_cli_writes_rows_and_skipped_file(image_root: Path, tmp_path: Path) -> None:
@@ -127,3 +129,49 @@ def test_cli_writes_rows_and_skipped_file(image_root: Path, tmp_path: Path) -> N
         check=False,
     )
     assert bad_root.returncode == 2 and "--image-root" in bad_root.stderr
+
+
+PLACEMENTS = {
+    "before the text": "<image>\nWhat is in the picture?",
+    "after the text": "What is in the picture?\n<image>",
+    "no placeholder": "What is in the picture?",
+}
+
+
+@pytest.mark.parametrize("value", PLACEMENTS.values(), ids=PLACEMENTS.keys())
+def test_calibration_and_training_put_the_image_in_the_same_place(value, tiny_llava: Path) -> None:
+    """The same upstream record, (a) converted by convert_instruct.py and processed by Axolotl's own multimodal
+    ProcessingStrategy (what training sees), and (b) read directly by visual-text calibration, renders to the
+    same text with the image token at the same position."""
+    from axolotl.processing_strategies import get_processing_strategy
+    from transformers import AutoProcessor
+
+    from sharelora_plugin.multimodal import row_to_messages
+
+    images = tiny_llava / "data" / "images"
+    name = sorted(p.name for p in images.iterdir())[0]
+    record = {
+        "id": "placement",
+        "image": name,
+        "conversations": [
+            {"from": "human", "value": value},
+            {"from": "gpt", "value": "A shape."},
+            {"from": "human", "value": "What colour?"},
+            {"from": "gpt", "value": "Red."},
+        ],
+    }
+    processor = AutoProcessor.from_pretrained(tiny_llava / "model")
+    strategy = get_processing_strategy(processor, processor.chat_template, "llava")
+    trained = strategy([convert.convert_record(record, image_root=images)])[0]["messages"]
+    calibrated, loaded = row_to_messages(record, image_roots=[images])
+    assert len(loaded) == 1
+
+    def shape(messages):
+        return [(m["role"], [(p["type"], p.get("text")) for p in m["content"]]) for m in messages]
+
+    assert shape(trained) == shape(calibrated)
+    render = processor.apply_chat_template
+    assert render(trained, tokenize=False) == render(calibrated, tokenize=False)
+    first_user = shape(calibrated)[0][1]
+    expected_first = "text" if value.startswith("What") and value.endswith("<image>") else "image"
+    assert first_user[0][0] == expected_first

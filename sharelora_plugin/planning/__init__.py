@@ -8,20 +8,15 @@ here can be tested on plain matrices. One module per job:
 * :mod:`.sets`        share sets and their counts (layers saved, distinct modules, eq. 3, rank expansion)
 * :mod:`.strategies`  greedy (Algorithm 1, constraint re-checked), optimal (MILP / contiguous DP), random, alternate
 * :mod:`.budget`      the threshold for a parameter budget
-* :mod:`.plan`        :class:`SharePlan`, its JSON file format, and :func:`make_plan`
+* :mod:`.plan`        :class:`SharePlan` and its JSON file format
+* :mod:`.planner`     :func:`make_plan`: the similar pairs and the sets of each strategy
 * :mod:`.stability`   bootstrap stability of a plan, the robust option and the stop-when-stable rule
-* :mod:`.atomic_file` writing plan and calibration files atomically
+* :mod:`.files`       JSON / JSONL reading and atomic writing (plan, calibration and the repo's scripts)
 """
 
 from sharelora_plugin.planning.budget import threshold_for_budget, threshold_for_params
-from sharelora_plugin.planning.plan import (
-    FORMAT_VERSION,
-    SharePlan,
-    choose_share_sets,
-    evidence_similarity,
-    make_plan,
-    stability_line,
-)
+from sharelora_plugin.planning.plan import FORMAT_VERSION, SharePlan, stability_line
+from sharelora_plugin.planning.planner import choose_share_sets, evidence_similarity, make_plan
 from sharelora_plugin.planning.rules import (
     DATA_STRATEGIES,
     DEFAULT_MIN_SAMPLES,

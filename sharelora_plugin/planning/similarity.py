@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sharelora_plugin.planning.atomic_file import write_atomic
+from sharelora_plugin.planning.files import read_json, write_atomic
 from sharelora_plugin.planning.rules import PlanError, check_metric, check_num_layers
 
 CALIBRATION_FILENAME = "sharelora_calibration.npz"
@@ -84,7 +83,7 @@ def similarity_from_distances(angular_distance: np.ndarray, cosine: np.ndarray, 
 
 def save_per_sample(path: str | os.PathLike, angular_distance: np.ndarray, cosine: np.ndarray) -> Path:
     """Write per-sample ``[N, L, L]`` angular distances and cosines as float32 ``sharelora_calibration.npz``
-    (atomically, see :func:`atomic_file.write_atomic`)."""
+    (atomically, see :func:`files.write_atomic`)."""
     angular_distance = np.asarray(angular_distance, dtype=np.float32)
     cosine = np.asarray(cosine, dtype=np.float32)
     if angular_distance.ndim != 3 or angular_distance.shape != cosine.shape:
@@ -123,22 +122,6 @@ def load_per_sample(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if not (np.isfinite(angular).all() and np.isfinite(cosine).all()):
         raise PlanError(f"{path}: non-finite values in the per-sample matrices")
     return angular, cosine
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """Parse a JSON file; :class:`PlanError` names the file and, for bad JSON, the line and column."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PlanError(f"file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise PlanError(f"cannot read {path}: {err}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise PlanError(
-            f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
-        ) from None
 
 
 def load_similarity(path: str | os.PathLike) -> tuple[np.ndarray, dict]:

@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from sharelora_plugin.planning.plan import SharePlan, choose_share_sets, make_plan
+from sharelora_plugin.planning.plan import SharePlan
+from sharelora_plugin.planning.planner import choose_share_sets, make_plan
 from sharelora_plugin.planning.rules import (
     DATA_STRATEGIES,
     DEFAULT_MIN_SAMPLES,
