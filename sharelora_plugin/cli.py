@@ -75,24 +75,23 @@ def _share_sets(text: str) -> list:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
-    return value
+def _argument(convert, accept, expected: str):
+    """An argparse ``type``: ``convert`` the text, then ``accept`` the value, else "expected <expected>"."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+        return value
+
+    return parse
 
 
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number; got {text!r}")
-    return value
+_positive_int = _argument(int, lambda value: value >= 1, "a positive integer")
+_number = _argument(float, math.isfinite, "a finite number")
 
 
 def _add_rank_options(parser: argparse.ArgumentParser) -> None:

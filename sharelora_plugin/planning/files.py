@@ -39,17 +39,20 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
     return len(lines)
 
 
-def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """Parse a JSON file; :class:`PlanError` names the file (as ``what``) and, for bad JSON, the line and
-    column."""
+def _read_text(path: str | os.PathLike, what: str) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PlanError(f"{what} not found: {path}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise PlanError(f"cannot read {path}: {err}") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Parse a JSON file; :class:`PlanError` names the file (as ``what``) and, for bad JSON, the line and
+    column."""
     try:
-        return json.loads(text)
+        return json.loads(_read_text(path, what))
     except json.JSONDecodeError as err:
         raise PlanError(
             f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
@@ -59,14 +62,8 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
 def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[Any]:
     """The records of a JSON-lines file (blank lines skipped); :class:`PlanError` names the file and the line of
     a record that is not valid JSON."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PlanError(f"{what} not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise PlanError(f"cannot read {path}: {err}") from None
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_read_text(path, what).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -128,6 +128,13 @@ def check_stability_target(value: Any, name: str = "stability") -> float:
     return float(value)
 
 
+def check_min_samples(value: Any, name: str = "min_samples") -> int:
+    """The fewest calibration samples before stop-when-stable may stop: an integer >= 2 (a bootstrap needs two)."""
+    if not is_int(value) or value < 2:
+        raise PlanError(f"{name} must be an integer >= 2; got {value!r}")
+    return int(value)
+
+
 def check_resamples(value: Any, name: str = "bootstrap_resamples") -> int:
     """Bootstrap resamples: 0 turns the stability report off; otherwise at least 10 for a meaningful fraction."""
     if not is_int(value) or (value != 0 and value < 10):

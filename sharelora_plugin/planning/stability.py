@@ -42,6 +42,7 @@ from sharelora_plugin.planning.rules import (
     DEFAULT_STABILITY_TARGET,
     MARGIN_INTERVAL,
     PlanError,
+    check_min_samples,
     check_planning_options,
     check_probability,
     check_resamples,
@@ -211,41 +212,40 @@ def plan_with_stability(
         means = resampled_means(samples, resamples, bootstrap_seed)
         if confidence is not None:
             bound = lower_bound(means, confidence)
+    # the settings the plan and every resample are made with
+    shared = {
+        "strategy": strategy,
+        "contiguous": contiguous,
+        "rank": rank,
+        "rank_expansion": rank_expansion,
+        "target_fraction": target_fraction,
+        "time_limit": time_limit,
+    }
     plan = make_plan(
         num_layers=np.asarray(samples).shape[1],
-        strategy=strategy,
         similarity=similarity,
         threshold=threshold,
         metric=metric,
         share_sets=share_sets,
-        contiguous=contiguous,
         seed=seed,
-        rank=rank,
-        rank_expansion=rank_expansion,
-        target_fraction=target_fraction,
         lower_bound=bound,
         layer_kinds=layer_kinds,
         layer_kind_descriptions=layer_kind_descriptions,
-        time_limit=time_limit,
+        **shared,
     )
     if means is not None and plan.threshold is not None:
         plan.stability = stability_report(
             plan.share_sets,
             np.asarray(plan.similarity),
             means,
-            strategy=strategy,
             # with target_fraction each resample chooses its own ε, as the plan did
             threshold=plan.threshold,
             num_samples=np.asarray(samples).shape[0],
             seed=bootstrap_seed,
-            contiguous=contiguous,
-            target_fraction=target_fraction,
-            rank=rank,
-            rank_expansion=rank_expansion,
             confidence=confidence,
             bound=bound,
             layer_kinds=plan.layer_kinds,
-            time_limit=time_limit,
+            **shared,
         )
     return plan
 
@@ -281,8 +281,7 @@ class StopWhenStable:
                 f"stop_when_stable has nothing to wait for with strategy {plan_options['strategy']!r}: its sets do "
                 "not depend on calibration; set stop_when_stable: false"
             )
-        if not is_int(min_samples) or min_samples < 2:
-            raise PlanError(f"min_samples must be an integer >= 2; got {min_samples!r}")
+        check_min_samples(min_samples)
         if not plan_options.get("resamples"):
             raise PlanError("stop_when_stable needs the bootstrap; set bootstrap_resamples > 0 (default 200)")
         self.plan_options = dict(plan_options)
