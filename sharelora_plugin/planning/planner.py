@@ -158,20 +158,20 @@ def make_plan(
         threshold = check_threshold(threshold)
 
     plan_seed: int | None = None
+    # how sets are chosen from the matrix (the plan's own strategy, or greedy as random's reference)
+    choice = {
+        "threshold": threshold,
+        "target_fraction": target_fraction,
+        "rank": base_rank,
+        "rank_expansion": rank_expansion,
+        "layer_kinds": kinds,
+        "time_limit": time_limit,
+    }
     if strategy in DATA_STRATEGIES:
         if sim is None or (threshold is None and target_fraction is None):
             raise PlanError(f"strategy {strategy!r} needs a similarity matrix and a threshold")
         sets, threshold = choose_share_sets(
-            sim,
-            strategy=strategy,
-            threshold=threshold,
-            contiguous=contiguous,
-            target_fraction=target_fraction,
-            rank=base_rank,
-            rank_expansion=rank_expansion,
-            lower_bound=bound,
-            layer_kinds=kinds,
-            time_limit=time_limit,
+            sim, strategy=strategy, contiguous=contiguous, lower_bound=bound, **choice
         )
     elif strategy == "manual":
         if share_sets is None:
@@ -190,16 +190,7 @@ def make_plan(
                     sim, target_fraction, rank=base_rank, rank_expansion=rank_expansion, time_limit=time_limit
                 )
         elif sim is not None and (threshold is not None or target_fraction is not None):
-            reference, threshold = choose_share_sets(
-                sim,
-                strategy="greedy",
-                threshold=threshold,
-                target_fraction=target_fraction,
-                rank=base_rank,
-                rank_expansion=rank_expansion,
-                layer_kinds=kinds,
-                time_limit=time_limit,
-            )
+            reference, threshold = choose_share_sets(sim, strategy="greedy", **choice)
         else:
             raise PlanError(
                 "strategy 'random' needs random_like (a plan to match) or a similarity matrix and threshold"
