@@ -59,7 +59,7 @@ format: setup
 # bench/results/reproduce_small.{json,md,png}. `make reproduce REPRODUCE_ARGS=--quick` checks the pipeline in ~4 min
 # (its report goes to outputs/reproduce_small/quick/).
 reproduce: setup
-	$(PY) bench/reproduce_small.py $(REPRODUCE_ARGS)
+	$(PY) -m bench.reproduce_small $(REPRODUCE_ARGS)
 
 clean:
 	rm -rf outputs last_run_prepared .pytest_cache

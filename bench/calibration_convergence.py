@@ -21,14 +21,14 @@ each) equals the 256-sample plan.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path: make `bench` importable
+from bench.common import REPO, calibrate_on_lee, use_offline_env  # noqa: E402
+
+use_offline_env()
 
 import numpy as np  # noqa: E402
 
@@ -48,7 +48,7 @@ from sharelora_plugin.planning.rules import (  # noqa: E402
 NUM_SAMPLES = 256
 BATCH_SIZE = 16  # the demo recipe's calibration batch
 MAX_LENGTH = 256
-CACHE = ROOT / "outputs" / "calibration_convergence" / "per_sample.npz"
+CACHE = REPO / "outputs" / "calibration_convergence" / "per_sample.npz"
 
 
 def per_sample_matrices(refresh: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -56,28 +56,8 @@ def per_sample_matrices(refresh: bool) -> tuple[np.ndarray, np.ndarray]:
     through the plugin's own calibration (``workflow.run_calibration``)."""
     if CACHE.is_file() and not refresh:
         return load_per_sample(CACHE)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sharelora_plugin.args import ShareLoRAConfig
-    from sharelora_plugin.embedded import data_dir, model_dir
-    from sharelora_plugin.workflow import run_calibration
-
-    settings = ShareLoRAConfig(
-        calibration={
-            "path": str(data_dir() / "lee_background.jsonl"),
-            "num_samples": NUM_SAMPLES,
-            "max_length": MAX_LENGTH,
-            "batch_size": BATCH_SIZE,
-        }
-    ).model_dump()
-    model = AutoModelForCausalLM.from_pretrained(model_dir(), dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir())
-    start = time.perf_counter()
-    result = run_calibration(model, tokenizer, settings, {"base_model": str(model_dir())})
-    print(
-        f"calibration: {result.num_samples} texts, {result.num_tokens} tokens, {time.perf_counter() - start:.0f} s"
-    )
+    result, _, seconds = calibrate_on_lee(NUM_SAMPLES, MAX_LENGTH, BATCH_SIZE)
+    print(f"calibration: {result.num_samples} texts, {result.num_tokens} tokens, {seconds:.0f} s")
     save_per_sample(CACHE, result.per_sample_angular, result.per_sample_cosine)
     return result.per_sample_angular, result.per_sample_cosine
 

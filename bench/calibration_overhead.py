@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path: make `bench` importable
+from bench.common import child_json, read_lee_texts, use_offline_env  # noqa: E402
+
+use_offline_env()
 
 
 def _load(samples: int, max_length: int, batch_size: int):
@@ -30,13 +29,11 @@ def _load(samples: int, max_length: int, batch_size: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sharelora_plugin.calibration import text_batches
-    from sharelora_plugin.embedded import data_dir, model_dir
+    from sharelora_plugin.embedded import model_dir
 
     model = AutoModelForCausalLM.from_pretrained(model_dir(), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir())
-    rows = [
-        json.loads(line)["text"] for line in (data_dir() / "lee_background.jsonl").read_text().splitlines()
-    ]
+    rows = read_lee_texts("lee_background.jsonl")
     texts = (rows * (samples // len(rows) + 1))[:samples]
     return model, text_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length)
 
@@ -102,13 +99,9 @@ def memory_table(counts: list[int], max_length: int, batch_size: int) -> None:
         f"\npeak RSS of a fresh process (model load, then calibration of [{batch_size} x {max_length}] batches):"
     )
     print(f"{'samples':>8} {'peak before (MB)':>17} {'peak after (MB)':>16} {'growth (MB)':>12}")
+    shape = ("--max-length", str(max_length), "--batch-size", str(batch_size))
     for n in counts:
-        out = subprocess.run(
-            [sys.executable, __file__, "--memory-child", str(n), "--max-length", str(max_length),
-             "--batch-size", str(batch_size)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row = child_json(__file__, "--memory-child", str(n), *shape)
         growth = row["peak_rss_mb_after"] - row["peak_rss_mb_before"]
         print(f"{n:>8} {row['peak_rss_mb_before']:>17.0f} {row['peak_rss_mb_after']:>16.0f} {growth:>12.0f}")
     n = max(counts)
@@ -121,11 +114,13 @@ def memory_table(counts: list[int], max_length: int, batch_size: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--memory-samples", default="16,64,256")
+    parser.add_argument("--samples", type=int, default=64, help="Lee texts timed per round (default 64)")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds; 0 skips timing (default 3)")
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per sample (default 256)")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    parser.add_argument(
+        "--memory-samples", default="16,64,256", help="comma list of sample counts for the memory table"
+    )
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:

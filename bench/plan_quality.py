@@ -19,12 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path: make `bench` importable
 import numpy as np  # noqa: E402
 
+from bench.common import REPO  # noqa: E402
 from sharelora_plugin.planning import (  # noqa: E402
     CALIBRATION_FILENAME,
     PlanError,

@@ -11,19 +11,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path: make `bench` importable
+from bench.common import (  # noqa: E402
+    LORA_ALPHA,
+    LORA_DROPOUT,
+    LORA_R,
+    REPO,
+    TARGET_MODULES,
+    child_json,
+    use_offline_env,
+)
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+use_offline_env()
+
 # the greedy plan at ε = 0.90 from a SmolLM2 calibration (used when no plan file is given)
 DEFAULT_SETS = [[1, 2, 3], [4, 5], [9, 10], [11, 12, 13], [14, 15], [16, 17], [21, 22], [24, 25, 26]]
 
@@ -44,7 +50,10 @@ def _build(variant: str, share_sets, seed: int = 0):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir(), dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS))
+    model = get_peft_model(
+        model,
+        LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=TARGET_MODULES),
+    )
     if variant == "sharelora":
         tie_lora_modules(model, share_sets)
     model.train()
@@ -123,12 +132,18 @@ def peak_child(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--plan", default=str(ROOT / "outputs" / "smollm2_sharelora" / "sharelora_plan.json"))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (default 12)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--batch-size", type=int, default=2, help="sequences per step (default 2)")
+    parser.add_argument("--length", type=int, default=256, help="tokens per sequence (default 256)")
+    parser.add_argument(
+        "--plan",
+        default=str(REPO / "outputs" / "smollm2_sharelora" / "sharelora_plan.json"),
+        help="sharelora_plan.json whose share sets to tie (default: the demo's; a built-in plan if absent)",
+    )
     parser.add_argument("--no-peak", action="store_true", help="skip the peak-RSS subprocesses")
     parser.add_argument("--peak-child", choices=["lora", "sharelora"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -139,12 +154,11 @@ def main() -> None:
     if not args.no_peak:
         rows = {}
         for variant in ("lora", "sharelora"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--peak-child", variant, "--plan", args.plan,
-                 "--batch-size", str(args.batch_size), "--length", str(args.length)],
-                capture_output=True, text=True, check=True,
+            child = child_json(
+                __file__, "--peak-child", variant, "--plan", args.plan,
+                "--batch-size", str(args.batch_size), "--length", str(args.length),
             )  # fmt: skip
-            rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+            rows[variant] = child["peak_rss_mb"]
         print(
             f"peak RSS (fresh process, 3 steps): LoRA {rows['lora']:.0f} MB, ShareLoRA {rows['sharelora']:.0f} MB"
         )

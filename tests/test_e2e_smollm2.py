@@ -11,52 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import ROOT
+from conftest import train_subprocess, write_config
 
 from sharelora_plugin.planning import load_per_sample
 
 pytestmark = pytest.mark.e2e
-
-
-def write_config(path: Path, smollm2_dir: Path, data_dir: Path, output_dir: Path, **overrides) -> Path:
-    """A small version of recipes/smollm2_sharelora.yml: few calibration samples, a few steps."""
-    cfg = yaml.safe_load((ROOT / "recipes" / "smollm2_sharelora.yml").read_text())
-    cfg.update(
-        base_model=str(smollm2_dir),
-        output_dir=str(output_dir),
-        dataset_prepared_path=str(output_dir.parent / "prepared"),
-        max_steps=3,
-        save_steps=2,
-        logging_steps=1,
-        micro_batch_size=2,
-        sequence_len=128,
-    )
-    cfg["datasets"][0]["path"] = str(data_dir / "chatterbot_en.jsonl")
-    cfg["sharelora"]["calibration"].update(
-        path=str(data_dir / "lee_background.jsonl"),
-        num_samples=16,
-        max_length=64,
-        batch_size=8,
-        min_samples=8,
-    )
-    for key, value in overrides.items():
-        cfg[key] = value
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def train_subprocess(config: Path) -> str:
-    """`python -m axolotl.cli.train CONFIG` in a fresh process; returns its combined output."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "axolotl.cli.train", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=900,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc.stdout + proc.stderr
 
 
 def train_in_process(config: Path):

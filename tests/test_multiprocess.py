@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from test_e2e_smollm2 import write_config
+from conftest import ROOT, write_config
 
 pytestmark = pytest.mark.e2e
 

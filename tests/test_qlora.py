@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from test_e2e_smollm2 import write_config
+from conftest import write_config
 
 pytestmark = pytest.mark.e2e
 

@@ -1,5 +1,6 @@
-"""bench/reproduce_small.py: honest data (format, balance, disjoint splits), plans from one calibration, identical
-settings across methods, parameter counting, the report files, and the `--quick` pipeline end to end."""
+"""bench/reproduce_small (`python -m bench.reproduce_small`): honest data (format, balance, disjoint splits), plans
+from one calibration, identical settings across methods, parameter counting, the report files, and the `--quick`
+pipeline end to end."""
 
 from __future__ import annotations
 
@@ -10,10 +11,15 @@ import re
 import numpy as np
 import pytest
 
+from bench.common import REPO
+from bench.reproduce_small.__main__ import main
+from bench.reproduce_small.evaluation import count_adapter_parameters
+from bench.reproduce_small.report import write_markdown, write_plot
+from bench.reproduce_small.runs import choose_threshold, make_plans, run_config
+from bench.reproduce_small.settings import FULL, METHODS, QUICK
+from bench.reproduce_small.summary import findings, summarize
+from bench.reproduce_small.tasks import RuleTasks, make_rule_data
 from sharelora_plugin.commonsense import ANSWER_FORMATS, extract_answer, infer_answer_format
-from tests.conftest import ROOT, load_script
-
-rs = load_script(ROOT / "bench" / "reproduce_small.py", "reproduce_small_under_test")
 
 LLM_ADAPTERS_OPENINGS = {  # how LLM-Adapters' commonsense instructions begin, per answer format
     "true_false": "Please answer the following question with true or false, question: ",
@@ -26,12 +32,12 @@ LLM_ADAPTERS_OPENINGS = {  # how LLM-Adapters' commonsense instructions begin, p
 
 @pytest.fixture(scope="module")
 def data():
-    return rs.make_rule_data(train_per_task=60, test_per_task=12)
+    return make_rule_data(train_per_task=60, test_per_task=12)
 
 
 def test_rows_are_commonsense_170k_format(data):
     train, tests = data
-    assert len(train) == 5 * 60 and set(tests) == set(rs.RuleTasks().generators)
+    assert len(train) == 5 * 60 and set(tests) == set(RuleTasks().generators)
     for row in train + [r for rows in tests.values() for r in rows]:
         assert list(row) == ["instruction", "input", "output", "answer"] and row["input"] == ""
         assert row["output"] == f"the correct answer is {row['answer']}"
@@ -60,7 +66,7 @@ def test_train_and_test_are_disjoint_by_key(data):
     train, tests = data
     train_text = {r["instruction"] for r in train}
     assert not train_text & {r["instruction"] for rows in tests.values() for r in rows}
-    tasks = rs.RuleTasks()
+    tasks = RuleTasks()
     for category, (train_words, test_words) in tasks.words.items():
         assert not set(train_words) & set(test_words), category
     for train_keys, test_keys in (tasks.goals, tasks.pairs, tasks.sequences, tasks.names):
@@ -72,7 +78,7 @@ def test_train_and_test_are_disjoint_by_key(data):
 
 
 def test_data_is_deterministic():
-    assert rs.make_rule_data(20, 4) == rs.make_rule_data(20, 4)
+    assert make_rule_data(20, 4) == make_rule_data(20, 4)
 
 
 def _fake_calibration(num_layers: int = 30):
@@ -98,7 +104,7 @@ def test_threshold_shares_about_a_third():
 
     result = _fake_calibration()
     sim = result.similarity("angular")
-    threshold = rs.choose_threshold(sim, 30)
+    threshold = choose_threshold(sim, 30)
     saved = layers_saved(greedy_share_sets(sim, threshold))
     for step in range(500, 1000):  # nothing on the grid gets closer to L/3
         assert abs(saved - 10) <= abs(layers_saved(greedy_share_sets(sim, step / 1000)) - 10)
@@ -109,9 +115,9 @@ def test_plans_from_one_calibration(tmp_path):
     from sharelora_plugin.planning import SharePlan, alternate_share_sets, expanded_rank
 
     settings = ShareLoRAConfig().model_dump()
-    plans = rs.make_plans(_fake_calibration(), settings, (0, 1), list(rs.METHODS), tmp_path)
+    plans = make_plans(_fake_calibration(), settings, (0, 1), list(METHODS), tmp_path)
     files = plans["files"]
-    assert "lora" not in files and set(files) == set(rs.METHODS) - {"lora"}
+    assert "lora" not in files and set(files) == set(METHODS) - {"lora"}
     load = {name: {seed: SharePlan.load(p) for seed, p in by_seed.items()} for name, by_seed in files.items()}
     greedy = load["sharelora"][0]
     assert greedy.threshold == plans["threshold"] and greedy.rank == 8 and greedy.strategy == "greedy"
@@ -135,8 +141,8 @@ def test_every_method_gets_the_same_settings(tmp_path):
     plan.write_text("{}")
     paths = {"train": tmp_path / "train.json", "prepared": tmp_path / "prepared"}
     configs = {
-        name: rs.run_config(m, 3, rs.FULL, paths, None if m.strategy is None else plan, tmp_path / name)
-        for name, m in rs.METHODS.items()
+        name: run_config(m, 3, FULL, paths, None if m.strategy is None else plan, tmp_path / name)
+        for name, m in METHODS.items()
     }
     adapter_keys = {"plugins", "adapter", "sharelora", "output_dir"}
     reference = {k: v for k, v in configs["lora"].items() if k not in adapter_keys}
@@ -148,7 +154,7 @@ def test_every_method_gets_the_same_settings(tmp_path):
     assert (
         reference["seed"] == 3
         and reference["lora_r"] == 8
-        and reference["learning_rate"] == rs.FULL.learning_rate
+        and reference["learning_rate"] == FULL.learning_rate
     )
     assert reference["datasets"][0] == {"path": str(paths["train"]), "type": "alpaca"}
 
@@ -165,16 +171,16 @@ def test_parameter_count_dedupes_verified_copies(tmp_path):
     }
     tensors["base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"] = torch.randn(2, 8)
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
-    assert rs.count_adapter_parameters(tmp_path) == {
+    assert count_adapter_parameters(tmp_path) == {
         "saved_params": 64,
         "trainable_params": 64,
         "ties_verified": False,
     }
     make_plan(num_layers=4, strategy="manual", share_sets=[[0, 1, 2]]).save(tmp_path / "sharelora_plan.json")
-    assert rs.count_adapter_parameters(tmp_path)["trainable_params"] == 32  # layers 1, 2 are copies of 0
+    assert count_adapter_parameters(tmp_path)["trainable_params"] == 32  # layers 1, 2 are copies of 0
     make_plan(num_layers=4, strategy="manual", share_sets=[[0, 3]]).save(tmp_path / "sharelora_plan.json")
     with pytest.raises(RuntimeError, match="differs from its share-set leader"):
-        rs.count_adapter_parameters(tmp_path)
+        count_adapter_parameters(tmp_path)
 
 
 def _fake_run(method: str, seed: int, params: int, acc: float) -> dict:
@@ -202,25 +208,25 @@ def test_summary_and_report_files(tmp_path):
         _fake_run("sharelora", 0, 700, 0.63),
         _fake_run("sharelora", 1, 700, 0.65),
     ]
-    summary = rs.summarize(runs, ["lora", "sharelora"])
+    summary = summarize(runs, ["lora", "sharelora"])
     lora, share = summary
     assert lora["average_accuracy"]["mean"] == pytest.approx(0.65)
     assert lora["average_accuracy"]["std"] == pytest.approx(np.std([0.6, 0.7], ddof=1), abs=1e-6)
     assert share["fraction_of_lora"] == 0.7 and share["seeds"] == [0, 1]
-    lines = rs.findings(summary, quick=True, chance=0.4)
+    lines = findings(summary, quick=True, chance=0.4)
     assert lines[0].startswith("QUICK RUN") and "against 40.0% for a constant answer." in lines[1]
     assert (
         "(70% of LoRA's trainable parameters): accuracy 64.0% vs 65.0% (within the seed spread of" in lines[2]
     )
     assert "Lee perplexity 30.000 vs 30.000 (equal to LoRA)" in lines[2]
-    one_seed = rs.summarize([runs[0], runs[2]], ["lora", "sharelora"])
-    assert "One seed" in rs.findings(one_seed, quick=False)[0]
-    assert "(lower than LoRA)" in rs.findings(one_seed, quick=False)[1]  # accuracy 63% vs 60%: loss is lower
-    assert rs.findings(summary, quick=False, chance=0.65)[0].endswith("the held-out losses do.")
+    one_seed = summarize([runs[0], runs[2]], ["lora", "sharelora"])
+    assert "One seed" in findings(one_seed, quick=False)[0]
+    assert "(lower than LoRA)" in findings(one_seed, quick=False)[1]  # accuracy 63% vs 60%: loss is lower
+    assert findings(summary, quick=False, chance=0.65)[0].endswith("the held-out losses do.")
     report = {
         "quick": True,
         "created": "now",
-        "command": "python bench/reproduce_small.py --quick",
+        "command": "python -m bench.reproduce_small --quick",
         "total_minutes": 1.0,
         "run_minutes": 3.0,
         "reused_runs": 2,
@@ -254,8 +260,8 @@ def test_summary_and_report_files(tmp_path):
         "summary": summary,
         "findings": lines,
     }
-    rs.write_markdown(report, tmp_path / "r.md")
-    rs.write_plot(report, tmp_path / "r.png")
+    write_markdown(report, tmp_path / "r.md")
+    write_plot(report, tmp_path / "r.png")
     text = (tmp_path / "r.md").read_text()
     assert "QUICK RUN" in text and "| LoRA r=8 | 1,000 | 100.0 |" in text and "{1,2}" in text
     assert "summed over the 4 runs 3.0 min (2 reused" in text
@@ -264,23 +270,23 @@ def test_summary_and_report_files(tmp_path):
 
 def test_committed_results_are_a_full_run_and_render_again(tmp_path, capsys):
     """bench/results holds a full run (every method, both seeds) and --render rebuilds its md/png unchanged."""
-    committed = rs.REPO / "bench" / "results" / "reproduce_small.json"
+    committed = REPO / "bench" / "results" / "reproduce_small.json"
     report = json.loads(committed.read_text())
-    assert report["quick"] is False and report["settings"]["steps"] == rs.FULL.steps
-    assert report["settings"]["seeds"] == list(rs.FULL.seeds)
+    assert report["quick"] is False and report["settings"]["steps"] == FULL.steps
+    assert report["settings"]["seeds"] == list(FULL.seeds)
     assert sorted((r["method"], r["seed"]) for r in report["runs"]) == sorted(
-        (m, s) for m in rs.METHODS for s in rs.FULL.seeds
+        (m, s) for m in METHODS for s in FULL.seeds
     )
     by = {row["method"]: row for row in report["summary"]}
     assert by["lora"]["trainable_params"] == 1_658_880 and by["naive_share"]["fraction_of_lora"] == 0.5
     assert all(r["ties_verified"] for r in report["runs"] if r["method"] != "lora")
 
     (tmp_path / "reproduce_small.json").write_text(committed.read_text())
-    assert rs.main(["--render", "--results-dir", str(tmp_path)]) == 0
+    assert main(["--render", "--results-dir", str(tmp_path)]) == 0
     rendered = (tmp_path / "reproduce_small.md").read_text()
     assert rendered == (committed.with_suffix(".md")).read_text()
     assert (tmp_path / "reproduce_small.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert rs.main(["--render", "--results-dir", str(tmp_path / "empty")]) == 2
+    assert main(["--render", "--results-dir", str(tmp_path / "empty")]) == 2
     assert "run the script without --render first" in capsys.readouterr().err
 
 
@@ -298,20 +304,20 @@ def test_quick_pipeline_end_to_end(tmp_path):
         "--workdir",
         str(tmp_path / "work"),
     ]
-    committed = (rs.REPO / "bench" / "results" / "reproduce_small.json").read_bytes()
-    assert rs.main(argv) == 0
-    assert (rs.REPO / "bench" / "results" / "reproduce_small.json").read_bytes() == committed
+    committed = (REPO / "bench" / "results" / "reproduce_small.json").read_bytes()
+    assert main(argv) == 0
+    assert (REPO / "bench" / "results" / "reproduce_small.json").read_bytes() == committed
     report = json.loads((out / "reproduce_small.json").read_text())
-    assert report["quick"] is True and report["settings"]["steps"] == rs.QUICK.steps
+    assert report["quick"] is True and report["settings"]["steps"] == QUICK.steps
     by = {r["method"]: r for r in report["runs"]}
     assert set(by) == {"lora", "sharelora"}
     assert by["sharelora"]["ties_verified"] is True
     assert by["sharelora"]["trainable_params"] < by["lora"]["trainable_params"] == by["lora"]["saved_params"]
     for run in by.values():
-        assert run["num_test"] == 5 * rs.QUICK.test_per_task and math.isfinite(run["lee_ppl"])
+        assert run["num_test"] == 5 * QUICK.test_per_task and math.isfinite(run["lee_ppl"])
         assert 0.0 <= run["average_accuracy"] <= 1.0 and run["train_seconds"] is not None
     plan = json.loads((tmp_path / "work" / "runs" / "sharelora_seed0" / "sharelora_plan.json").read_text())
     assert plan["share_sets"] == report["plans"]["sharelora"]["0"]["share_sets"]  # loaded, not recalibrated
     assert "QUICK RUN" in (out / "reproduce_small.md").read_text() and (out / "reproduce_small.png").is_file()
     # a second call reuses the finished runs instead of retraining
-    assert rs.main(argv) == 0
+    assert main(argv) == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_e2e_smollm2 import train_subprocess, write_config
+from conftest import train_subprocess, write_config
 
 pytestmark = pytest.mark.e2e
 
