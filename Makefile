@@ -27,7 +27,7 @@ $(INSTALLED): configs/requirements-lock.txt configs/constraints.txt pyproject.to
 	@touch $@
 
 assets: $(INSTALLED)
-	$(PY) -m sharelora_plugin.embedded
+	$(PY) -m bench.embedded
 
 demo: setup
 	accelerate launch -m axolotl.cli.train recipes/smollm2_sharelora.yml

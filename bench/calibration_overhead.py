@@ -28,8 +28,8 @@ def _load(samples: int, max_length: int, batch_size: int):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from bench.embedded import model_dir
     from sharelora_plugin.calibration import text_batches
-    from sharelora_plugin.embedded import model_dir
 
     model = AutoModelForCausalLM.from_pretrained(model_dir(), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir())

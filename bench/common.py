@@ -43,7 +43,7 @@ def use_offline_env() -> None:
 def read_lee_texts(filename: str) -> list[str]:
     """The ``text`` of every line of one of the embedded Lee corpus files (``lee_background.jsonl``: 300 news
     articles; ``lee_test.jsonl``: 50)."""
-    from sharelora_plugin.embedded import data_dir
+    from bench.embedded import data_dir
 
     lines = (data_dir() / filename).read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["text"] for line in lines if line.strip()]
@@ -55,8 +55,8 @@ def calibrate_on_lee(num_samples: int, max_length: int, batch_size: int) -> tupl
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from bench.embedded import data_dir, model_dir
     from sharelora_plugin.args import ShareLoRAConfig
-    from sharelora_plugin.embedded import data_dir, model_dir
     from sharelora_plugin.workflow import run_calibration
 
     settings = ShareLoRAConfig(

@@ -45,7 +45,7 @@ def _build(variant: str, share_sets, seed: int = 0):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from sharelora_plugin.embedded import model_dir
+    from bench.embedded import model_dir
     from sharelora_plugin.tying import tie_lora_modules
 
     torch.manual_seed(seed)

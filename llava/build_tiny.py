@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the converter script beside this one
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # bench.embedded: the offline assets
 import convert_instruct  # noqa: E402
 
 LOG = logging.getLogger("llava.build_tiny")
@@ -62,7 +63,7 @@ BACKGROUNDS = {"white": (250, 250, 250), "grey": (128, 128, 128)}
 
 def default_out() -> Path:
     """``<cache>/tiny_llava`` where ``<cache>`` is ``$SHARELORA_CACHE`` or ``<repo>/.cache``."""
-    from sharelora_plugin.embedded import cache_dir
+    from bench.embedded import cache_dir
 
     return cache_dir() / "tiny_llava"
 
@@ -71,7 +72,7 @@ def build_stamp() -> str:
     """What the build depends on: this script's version, the SmolLM2 asset, transformers' version."""
     import transformers
 
-    from sharelora_plugin.embedded import model_dir
+    from bench.embedded import model_dir
 
     marker = model_dir() / ".prepared"
     smollm = marker.read_text().strip() if marker.is_file() else "unprepared"
@@ -161,7 +162,7 @@ def build_model(out: Path) -> dict:
     )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from sharelora_plugin.embedded import model_dir
+    from bench.embedded import model_dir
 
     source = model_dir()
     if not (source / "config.json").is_file():

@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct prepared by `make setup`."""
-    from sharelora_plugin.embedded import model_dir
+    from bench.embedded import model_dir
 
     path = model_dir()
     if not (path / "config.json").is_file():
@@ -34,7 +34,7 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    from sharelora_plugin.embedded import data_dir as _data_dir
+    from bench.embedded import data_dir as _data_dir
 
     path = _data_dir()
     if not (path / "lee_background.jsonl").is_file():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sharelora_plugin.commonsense import (
+from bench.commonsense import (
     COMMONSENSE_TASKS,
     DATASET_FORMATS,
     EvaluationError,
@@ -394,13 +394,13 @@ def test_gsm8k_prompt_is_upstream_template_without_indentation():
     ],
 )
 def test_extract_number_takes_the_last_number(response, expected):
-    from sharelora_plugin.commonsense import extract_number
+    from bench.commonsense import extract_number
 
     assert extract_number(response) == expected
 
 
 def test_number_tolerance_is_llm_adapters():
-    from sharelora_plugin.commonsense import number_is_right
+    from bench.commonsense import number_is_right
 
     assert number_is_right(18.0, 18) and number_is_right(18.0005, "18") and number_is_right(17.9995, 18.0)
     assert not number_is_right(18.002, 18) and not number_is_right(None, 18)
@@ -409,7 +409,7 @@ def test_number_tolerance_is_llm_adapters():
 
 
 def test_number_tolerance_boundary_is_inclusive():
-    from sharelora_plugin.commonsense import NUMBER_TOLERANCE, number_is_right
+    from bench.commonsense import NUMBER_TOLERANCE, number_is_right
 
     assert NUMBER_TOLERANCE == 0.001
     # |0.001 - 0| is exactly 0.001 in floating point: right under upstream's `<=`, wrong under `<`
@@ -421,7 +421,7 @@ def test_number_tolerance_boundary_is_inclusive():
 
 
 def test_arithmetic_sets_have_the_number_format():
-    from sharelora_plugin.commonsense import MATH_TASKS, NUMBER_FORMAT, infer_answer_format
+    from bench.commonsense import MATH_TASKS, NUMBER_FORMAT, infer_answer_format
 
     assert infer_answer_format("gsm8k", [_row("q", "5")]) == NUMBER_FORMAT
     assert all(infer_answer_format(task, []) == NUMBER_FORMAT for task in MATH_TASKS)
@@ -430,7 +430,7 @@ def test_arithmetic_sets_have_the_number_format():
 
 
 def test_gsm8k_fixture_loads_in_llm_adapters_format():
-    from sharelora_plugin.commonsense import NUMBER_FORMAT, infer_answer_format
+    from bench.commonsense import NUMBER_FORMAT, infer_answer_format
 
     rows = load_test_rows(GSM8K_FIXTURE_DIR / "gsm8k" / "test.json")
     assert [row["answer"] for row in rows] == ["1234.5", "7.0", "234.5", "-10.0"]

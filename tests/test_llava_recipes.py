@@ -85,7 +85,7 @@ def test_targets_are_the_language_model_projections_of_llava15_7b() -> None:
 def test_recipes_validate_with_axolotl(tmp_path: Path) -> None:
     """Axolotl's own config validation accepts both recipes (checked against the tiny LLaVA's config, as the 7B
     weights are not here; without DeepSpeed and bf16, which need GPUs)."""
-    from sharelora_plugin.embedded import model_dir
+    from bench.embedded import model_dir
 
     if not (model_dir() / "config.json").is_file():
         pytest.skip("SmolLM2 is not prepared; run `make setup`")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bench.common import REPO
+from bench.commonsense import ANSWER_FORMATS, extract_answer, infer_answer_format
 from bench.reproduce_small.__main__ import main
 from bench.reproduce_small.evaluation import count_adapter_parameters
 from bench.reproduce_small.report import write_markdown, write_plot
@@ -19,7 +20,6 @@ from bench.reproduce_small.runs import choose_threshold, make_plans, run_config
 from bench.reproduce_small.settings import FULL, METHODS, QUICK
 from bench.reproduce_small.summary import findings, summarize
 from bench.reproduce_small.tasks import RuleTasks, make_rule_data
-from sharelora_plugin.commonsense import ANSWER_FORMATS, extract_answer, infer_answer_format
 
 LLM_ADAPTERS_OPENINGS = {  # how LLM-Adapters' commonsense instructions begin, per answer format
     "true_false": "Please answer the following question with true or false, question: ",

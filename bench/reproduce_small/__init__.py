@@ -41,7 +41,7 @@ Data — all offline, and said exactly:
   sequence), ``rule_winogrande`` (option1/2: who fits the blank after a comparison). Train and test are disjoint
   by construction: held-out words, goals, number pairs, sequences and names never appear in training.
 * Test: accuracy on the rule tasks' test split (24 rows per task, labels exactly balanced so a constant answer
-  scores chance) with :mod:`sharelora_plugin.commonsense` (the LLM-Adapters protocol, greedy decoding, 8 new
+  scores chance) with :mod:`bench.commonsense` (the LLM-Adapters protocol, greedy decoding, 8 new
   tokens); held-out answer loss (mean NLL per response token on the test split); held-out perplexity on the 50
   Lee test articles (``lee_test.jsonl``, first 256 tokens each, never trained on).
 * Budget (``FULL``): 48 steps × micro-batch 4 × ≤128 tokens, lr 1e-3 (linear, 4 warmup steps), seeds 0 and 1:

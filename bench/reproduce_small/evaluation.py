@@ -9,9 +9,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.commonsense import build_prompt, evaluate_tasks
+from bench.embedded import model_dir
 from bench.reproduce_small.settings import Budget
-from sharelora_plugin.commonsense import build_prompt, evaluate_tasks
-from sharelora_plugin.embedded import model_dir
 
 
 def count_adapter_parameters(adapter_dir: Path) -> dict:
@@ -103,7 +103,7 @@ def text_loss(model, tokenizer, texts: Sequence[str], max_length: int = 256, bat
 
 def evaluate_model(adapter_dir: Path | None, tests: dict, lee_texts: list[str], budget: Budget) -> dict:
     """Accuracy (LLM-Adapters protocol, greedy), held-out response loss and Lee perplexity of base (+ adapter)."""
-    from sharelora_plugin.commonsense import load_model_and_tokenizer
+    from bench.commonsense import load_model_and_tokenizer
 
     start = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(

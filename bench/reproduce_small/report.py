@@ -109,7 +109,7 @@ def write_markdown(report: dict, path: Path) -> None:
         "format (5 tasks, see the script's docstring) + the 300 Lee news articles (completion).",
         f"- Test data: {s['data']['test_rows']} held-out rule rows ({s['data']['test_per_task']} per task; "
         "words/goals/number pairs/sequences/names disjoint from training), evaluated with "
-        "`sharelora_plugin.commonsense` (LLM-Adapters protocol, greedy, "
+        "`bench.commonsense` (LLM-Adapters protocol, greedy, "
         f"max_new_tokens {s['max_new_tokens']}); held-out response loss on the same rows; perplexity on "
         f"{s['lee_test_texts']} Lee test articles (first 256 tokens each).",
         f"- Calibration: once, {s['calibration']['num_samples']} Lee background texts (max 256 tokens), angular "

@@ -23,10 +23,10 @@ from bench.common import (
     TARGET_MODULES,
     calibrate_on_lee,
 )
+from bench.embedded import data_dir, model_dir
 from bench.reproduce_small.evaluation import count_adapter_parameters, evaluate_model
 from bench.reproduce_small.settings import METHODS, Budget, Method
 from bench.reproduce_small.tasks import TaskData
-from sharelora_plugin.embedded import data_dir, model_dir
 
 IM_END = "<|im_end|>"
 # Axolotl keys that are off on CPU: no bf16/fp16/tf32, eager attention, no gradient checkpointing.

@@ -55,7 +55,7 @@ def summarize(runs: list[dict], methods: Sequence[str]) -> list[dict]:
 
 def chance_accuracy(tests: dict[str, list[dict]]) -> float:
     """Mean over tasks of 1/number of labels: what a constant (or random) answer scores on balanced tests."""
-    from sharelora_plugin.commonsense import infer_answer_format
+    from bench.commonsense import infer_answer_format
 
     sizes = [len({r["answer"] for r in rows}) for rows in tests.values()]
     for name, rows in tests.items():

