@@ -44,9 +44,9 @@ def read_lee_texts(filename: str) -> list[str]:
     """The ``text`` of every line of one of the embedded Lee corpus files (``lee_background.jsonl``: 300 news
     articles; ``lee_test.jsonl``: 50)."""
     from bench.embedded import data_dir
+    from sharelora_plugin.planning.files import read_jsonl
 
-    lines = (data_dir() / filename).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line)["text"] for line in lines if line.strip()]
+    return [row["text"] for row in read_jsonl(data_dir() / filename)]
 
 
 def calibrate_on_lee(num_samples: int, max_length: int, batch_size: int) -> tuple[Any, dict, float]:

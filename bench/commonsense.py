@@ -55,6 +55,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sharelora_plugin.planning.files import read_jsonl
+from sharelora_plugin.planning.rules import PlanError
+
 LOG = logging.getLogger("sharelora.commonsense")
 
 PROMPT_NO_INPUT = (
@@ -190,12 +193,8 @@ def load_test_rows(path: str | Path) -> list[dict]:
         raise EvaluationError(f"test file not found: {path}")
     text = path.read_text(encoding="utf-8")
     try:
-        rows = (
-            json.loads(text)
-            if text.lstrip().startswith("[")
-            else [json.loads(line) for line in text.splitlines() if line.strip()]
-        )
-    except json.JSONDecodeError as err:
+        rows = json.loads(text) if text.lstrip().startswith("[") else read_jsonl(path)
+    except (json.JSONDecodeError, PlanError) as err:
         raise EvaluationError(f"{path} is not a JSON list or JSONL file: {err}") from None
     for k, row in enumerate(rows):
         if not isinstance(row, dict) or "instruction" not in row or "answer" not in row:

@@ -27,13 +27,15 @@ Run ``python llava/answer.py --help``. Exit status: 0 done, 2 bad input.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from sharelora_plugin.planning.files import read_jsonl
+from sharelora_plugin.planning.rules import PlanError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared JSONL module beside this script
 from resumable_jsonl import JsonlAppender, recover_jsonl  # noqa: E402
@@ -60,24 +62,24 @@ class InputError(ValueError):
 
 def read_questions(path: str | Path) -> list[dict[str, Any]]:
     """Questions of a LLaVA-Bench ``questions.jsonl`` (``question_id``, ``image``, ``text``, ``category``);
-    raises :class:`InputError` naming the line of a malformed or duplicate question."""
+    raises :class:`InputError` naming the line of bad JSON, or the malformed or duplicate question."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--question-file {str(path)!r} is not a file")
+    try:
+        records = read_jsonl(path, "--question-file")
+    except PlanError as err:
+        raise InputError(str(err)) from err
     questions, seen = [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{number}: not JSON ({err})") from err
-        missing = [k for k in QUESTION_KEYS if k not in record]
+    for number, record in enumerate(records, start=1):
+        missing = [k for k in QUESTION_KEYS if not isinstance(record, dict) or k not in record]
         if missing:
-            raise InputError(f"{path}:{number}: question lacks {missing} (needs {list(QUESTION_KEYS)})")
+            raise InputError(f"{path}: question {number} lacks {missing} (needs {list(QUESTION_KEYS)})")
         key = str(record["question_id"])
         if key in seen:
-            raise InputError(f"{path}:{number}: question_id {record['question_id']!r} appears twice")
+            raise InputError(
+                f"{path}: question {number}: question_id {record['question_id']!r} appears twice"
+            )
         seen.add(key)
         questions.append(record)
     return questions
