@@ -22,6 +22,26 @@ WEIGHT_REWRITING_INITS = ("pissa", "olora", "loftq", "eva", "corda")
 LOCAL_FILE_SUFFIXES = (".json", ".jsonl", ".txt", ".parquet", ".csv", ".arrow")
 
 
+# keys checked by the planning rules (the same functions the planner and the CLI call)
+CALIBRATION_RULES = {
+    "bootstrap_resamples": rules.check_resamples,
+    "min_samples": rules.check_min_samples,
+    "stability": rules.check_stability_target,
+}
+SHARELORA_RULES = {
+    "threshold": rules.check_threshold,
+    "target_fraction": rules.check_target_fraction,
+    "rank_expansion": rules.check_rank_expansion,
+}
+
+
+def _must_exist(value: str | None, exists: bool, message: str) -> str | None:
+    """``value`` when it is empty or ``exists``; else a validation error with ``message``."""
+    if value and not exists:
+        raise ValueError(message)
+    return value
+
+
 def looks_like_local_path(path: str) -> bool:
     """A dataset reference is a local path when it exists, starts like a path, or ends like a data file;
     anything else (``allenai/c4``) is a Hub dataset id and is resolved when calibration runs."""
@@ -83,22 +103,10 @@ class CalibrationConfig(BaseModel):
             )
         return value
 
-    @field_validator("bootstrap_resamples")
+    @field_validator(*CALIBRATION_RULES)
     @classmethod
-    def _resamples(cls, value: int) -> int:
-        return rules.check_resamples(value, "sharelora.calibration.bootstrap_resamples")
-
-    @field_validator("min_samples")
-    @classmethod
-    def _min_samples(cls, value: int) -> int:
-        if value < 2:
-            raise ValueError(f"sharelora.calibration.min_samples must be an integer >= 2, got {value}")
-        return value
-
-    @field_validator("stability")
-    @classmethod
-    def _stability(cls, value: float) -> float:
-        return rules.check_stability_target(value, "sharelora.calibration.stability")
+    def _rule(cls, value: Any, info) -> Any:
+        return CALIBRATION_RULES[info.field_name](value, f"sharelora.calibration.{info.field_name}")
 
     @model_validator(mode="after")
     def _stopping(self) -> CalibrationConfig:
@@ -117,22 +125,22 @@ class CalibrationConfig(BaseModel):
     @field_validator("image_root")
     @classmethod
     def _image_root_exists(cls, value: str | None) -> str | None:
-        if value and not Path(value).expanduser().is_dir():
-            raise ValueError(
-                f"sharelora.calibration.image_root={value!r} is not a folder; give the folder that the calibration "
-                "rows' relative image paths are relative to (e.g. the COCO train2017 folder)"
-            )
-        return value
+        return _must_exist(
+            value,
+            value is not None and Path(value).expanduser().is_dir(),
+            f"sharelora.calibration.image_root={value!r} is not a folder; give the folder that the calibration "
+            "rows' relative image paths are relative to (e.g. the COCO train2017 folder)",
+        )
 
     @field_validator("path")
     @classmethod
     def _path_exists(cls, value: str | None) -> str | None:
-        if value and looks_like_local_path(value) and not Path(value).expanduser().exists():
-            raise ValueError(
-                f"sharelora.calibration.path={value!r} does not exist; give an existing JSON/JSONL/text file "
-                "or folder (make setup writes .cache/data/lee_background.jsonl), or a Hub dataset id"
-            )
-        return value
+        return _must_exist(
+            value,
+            value is not None and (not looks_like_local_path(value) or Path(value).expanduser().exists()),
+            f"sharelora.calibration.path={value!r} does not exist; give an existing JSON/JSONL/text file "
+            "or folder (make setup writes .cache/data/lee_background.jsonl), or a Hub dataset id",
+        )
 
 
 class ShareLoRAConfig(BaseModel):
@@ -180,20 +188,10 @@ class ShareLoRAConfig(BaseModel):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     save_heatmap: bool = Field(default=True, description="Write sharelora_similarity.png beside the plan.")
 
-    @field_validator("threshold")
+    @field_validator(*SHARELORA_RULES)
     @classmethod
-    def _threshold_range(cls, value: float) -> float:
-        return rules.check_threshold(value, "sharelora.threshold")
-
-    @field_validator("target_fraction")
-    @classmethod
-    def _fraction_range(cls, value: float | None) -> float | None:
-        return rules.check_target_fraction(value, "sharelora.target_fraction")
-
-    @field_validator("rank_expansion")
-    @classmethod
-    def _rank(cls, value: bool | int) -> bool | int:
-        return rules.check_rank_expansion(value, "sharelora.rank_expansion")
+    def _rule(cls, value: Any, info) -> Any:
+        return SHARELORA_RULES[info.field_name](value, f"sharelora.{info.field_name}")
 
     @field_validator("plan_file")
     @classmethod
@@ -251,17 +249,39 @@ def _deepspeed_stage(deepspeed: Any) -> int | None:
     return int(stage) if isinstance(stage, int | str) and str(stage).isdigit() else None
 
 
+def fsdp_version(config: Any) -> int | None:
+    """The FSDP version a config runs (``None`` without FSDP), resolved as Axolotl 0.19 does: FSDP is on with
+    ``fsdp_config`` (or the deprecated ``fsdp`` list); the version is the top-level ``fsdp_version``, else
+    ``fsdp_config.fsdp_version`` / ``fsdp_config.version``, else 1 (Axolotl pins a versionless ``fsdp_config`` to
+    FSDP1). Works on the raw YAML dict and on a validated config."""
+
+    def get(obj: Any, key: str) -> Any:
+        return obj.get(key) if hasattr(obj, "get") else getattr(obj, key, None)
+
+    fsdp_config = get(config, "fsdp_config")
+    if not (get(config, "fsdp") or fsdp_config):
+        return None
+    version = (
+        get(config, "fsdp_version")
+        or get(fsdp_config or {}, "fsdp_version")
+        or get(fsdp_config or {}, "version")
+    )
+    return int(version) if str(version).isdigit() else 1
+
+
 def incompatible_options(data: dict) -> list[str]:
     """Problems with the rest of the Axolotl config when ShareLoRA is on (empty when all is well)."""
     problems = []
     sl = data.get("sharelora") or {}
     if not isinstance(sl, dict):
         sl = sl.model_dump() if hasattr(sl, "model_dump") else {}
-    if data.get("fsdp") or data.get("fsdp_config") or data.get("fsdp_version"):
+    version = fsdp_version(data)
+    if version is not None and version != 2:
         problems.append(
-            "FSDP is not supported with adapter: sharelora: FSDP flattens each wrapped unit's parameters into its "
-            "own shard, so one LoRA module shared by layers in different units cannot be sharded; "
-            "use DeepSpeed ZeRO-2 (recipes/deepspeed/zero2.json) or ZeRO-3 with sharelora.plan_file"
+            f"fsdp_version: {version} (FSDP1; Axolotl's default when fsdp_config has no version) is not supported "
+            "with adapter: sharelora: FSDP1 flattens each wrapped unit's parameters into one shard, so a LoRA module "
+            "shared by layers in different units cannot be sharded; set fsdp_version: 2 (FSDP2 gives each shared "
+            "module its own group), or use DeepSpeed ZeRO-2 (recipes/deepspeed/zero2.json)"
         )
     init = data.get("peft_init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(WEIGHT_REWRITING_INITS):

@@ -13,6 +13,7 @@ pre_lora_load            plan: saved plan (plan_file / lora_model_dir / resumed 
                          its bootstrap stability, stopping early when configured); the plan's rank becomes
                          ``lora_r`` before PEFT builds modules
 post_lora_load           tie lora_A/lora_B of each share set to the leader's; verify; log; write the plan
+                         (``fsdp_version: 2``: shard each tied module once, complete the final adapter)
 add_callbacks_post_trainer  copy the plan (and the per-sample calibration file) into every checkpoint
 post_train               check the ties survived training
 """
@@ -24,7 +25,7 @@ from typing import Any
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from transformers import TrainerCallback
 
-from sharelora_plugin import distributed, workflow
+from sharelora_plugin import distributed, fsdp, workflow
 from sharelora_plugin.planning import SharePlan
 from sharelora_plugin.tying import (
     tie_layout_fingerprint,
@@ -92,6 +93,7 @@ class ShareLoRAPlugin(BasePlugin):
         alias_adapter(cfg)
         if _enabled(cfg):
             distributed.init_cpu_process_group()
+            fsdp.use_fsdp2_on_cpu(cfg)
 
     def on_config_validation_error(self, cfg: dict):
         original = self._aliased_from.pop(id(cfg), None)
@@ -140,6 +142,7 @@ class ShareLoRAPlugin(BasePlugin):
             model, self.plan.share_sets, layers_path=settings["layers_path"], require_equal=loaded_weights
         )
         verify_ties(model, self.plan.share_sets, layers_path=report.layers_path)
+        fsdp.prepare_fsdp2(cfg, self.plan.share_sets, report.layers_path)  # no-op unless fsdp_version: 2
         self.plan.metadata.update(
             {
                 "adapter": ADAPTER,
@@ -186,5 +189,5 @@ class ShareLoRAPlugin(BasePlugin):
             distributed.log_all_ranks(
                 "ShareLoRA rank %d: ties hold after training; trainable checksum %s",
                 distributed.process_index(),
-                trainable_checksum(model),
+                fsdp.trainable_checksum(model) if fsdp.is_sharded(model) else trainable_checksum(model),
             )

@@ -42,7 +42,9 @@ BAD_INPUTS = [
         {"sharelora": {"strategy": "alternate", "calibration": {"stop_when_stable": True}}},
         "nothing to wait for",
     ),
-    ({"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}}, "FSDP"),
+    ({"fsdp_version": 1, "fsdp_config": {"reshard_after_forward": True}}, "set fsdp_version: 2"),
+    # no version: Axolotl runs FSDP1
+    ({"fsdp_config": {"reshard_after_forward": True}}, "fsdp_version: 1 (FSDP1"),
     ({"peft_init_lora_weights": "pissa"}, "peft_init_lora_weights"),
     ({"peft_init_lora_weights": "olora"}, "peft_init_lora_weights"),
     ({"relora": True, "jagged_restart_steps": 10}, "relora"),
@@ -227,3 +229,20 @@ def test_image_root_and_arrow_calibration_files(smollm2_dir, data_dir, tmp_path)
     settings = ShareLoRAConfig(calibration={"path": str(arrow), "num_samples": 3}).model_dump()
     rows, source = load_calibration_rows(settings, {})
     assert source == str(arrow) and len(rows) == 3 and all(row["text"].startswith("row ") for row in rows)
+
+
+@pytest.mark.parametrize("state_dict_type", ["FULL_STATE_DICT", "SHARDED_STATE_DICT"])
+def test_fsdp2_validates(state_dict_type, smollm2_dir, data_dir, tmp_path):
+    """FSDP2 gives each tied module its own group (sharelora_plugin/fsdp.py), so fsdp_version: 2 is accepted,
+    written at the top level or inside fsdp_config."""
+    fsdp_config = {
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+        "state_dict_type": state_dict_type,
+        "reshard_after_forward": True,
+    }
+    base = _base(smollm2_dir, data_dir, tmp_path)
+    top = _validate(_merge(base, {"fsdp_version": 2, "fsdp_config": fsdp_config}))
+    assert top.sharelora["enabled"] is True and str(top.fsdp_version) == "2"
+    inside = _validate(_merge(base, {"fsdp_config": {**fsdp_config, "fsdp_version": 2}}))
+    assert inside.sharelora["enabled"] is True and str(inside.fsdp_version) == "2"

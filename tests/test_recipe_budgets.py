@@ -53,7 +53,7 @@ BUDGETS = {
     "llava15_7b_sharelora": (139_372_800, 139.4),  # paper sets at r 85
     "qwen2_5_vl_7b_sharelora": (161_480_704, None),  # no paper sets: the LoRA budget, ShareLoRA's upper bound
 }
-CPU_RECIPES = {"smollm2_sharelora", "tiny_llava_sharelora"}
+CPU_RECIPES = {"smollm2_sharelora", "smollm2_sharelora_fsdp2", "tiny_llava_sharelora"}
 
 
 def _model_of(recipe: str) -> str:
