@@ -25,8 +25,6 @@ folder, ``sharelora.calibration.image_root`` when the config has one), then the 
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ import torch
 
 from sharelora_plugin.conversations import IMAGE_PLACEHOLDER, ConversationError, conversations_to_messages
 from sharelora_plugin.distributed import LOG
+from sharelora_plugin.images import load_image
 
 IMAGE_KEYS = ("image", "path", "url", "base64")
 TEXT_KEYS = ("input_ids", "attention_mask")
@@ -87,48 +86,6 @@ def _drop_none(value: Any) -> Any:
     if isinstance(value, list):
         return [_drop_none(v) for v in value]
     return value
-
-
-def resolve_image_path(ref: str, image_roots: Sequence[Path]) -> Path:
-    """An existing file for ``ref``: as given when absolute, else the first ``root / ref`` that exists, else
-    ``ref`` relative to the working directory. Raises ``FileNotFoundError`` listing what was tried."""
-    path = Path(ref).expanduser()
-    candidates = [path] if path.is_absolute() else [Path(root) / path for root in image_roots] + [path]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    tried = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"image {ref!r} not found (tried {tried})")
-
-
-def load_image(ref: Any, image_roots: Sequence[Path]):
-    """A PIL RGB image from a PIL image, a path (resolved with :func:`resolve_image_path`), a ``data:`` URI or
-    base64 string, or an http(s) URL (needs network)."""
-    from PIL import Image
-
-    if isinstance(ref, Image.Image):
-        return ref.convert("RGB")
-    if isinstance(ref, Mapping) and ref.get("bytes"):  # datasets' Image feature, undecoded
-        return Image.open(io.BytesIO(ref["bytes"])).convert("RGB")
-    if isinstance(ref, Mapping) and ref.get("path"):
-        ref = ref["path"]
-    if not isinstance(ref, str):
-        raise TypeError(f"cannot load an image from {type(ref).__name__}")
-    if ref.startswith(("http://", "https://")):
-        from transformers.image_utils import load_image as load_remote
-
-        return load_remote(ref).convert("RGB")
-    if ref.startswith("data:image"):
-        ref = ref.split(",", 1)[1]
-        return Image.open(io.BytesIO(base64.b64decode(ref))).convert("RGB")
-    try:
-        path = resolve_image_path(ref, image_roots)
-    except FileNotFoundError:
-        if len(ref) > 256:  # a long string that is no file: base64 without the data: prefix
-            return Image.open(io.BytesIO(base64.b64decode(ref))).convert("RGB")
-        raise
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 def _content_list(content: Any) -> list[dict]:
