@@ -312,30 +312,3 @@ def prepare_fsdp2(cfg: Any, share_sets: Sequence[Sequence[int]], layers_path: st
             "complete either way. Use SHARDED_STATE_DICT for checkpoints you will resume from."
         )
     return True
-
-
-def is_sharded(model) -> bool:
-    """Whether FSDP2 has sharded ``model`` (its parameters are DTensors)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def trainable_checksum(model) -> str:
-    """Hash of all trainable values of an FSDP2-sharded model (shared tensors once), gathered to full tensors:
-    equal on every process. Gathering is a collective, so once the process group is gone (Axolotl's second
-    ``post_train`` comes after ``cleanup_distributed``) this says so instead."""
-    import hashlib
-
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-
-    if not dist.is_initialized():
-        return "n/a (process group closed)"
-    digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            full = p.full_tensor() if isinstance(p, DTensor) else p
-            digest.update(name.encode())
-            digest.update(full.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]

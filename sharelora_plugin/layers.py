@@ -192,14 +192,18 @@ def find_decoder_layers(model: nn.Module, path: str | None = None) -> DecoderLay
     return DecoderLayers(path=name, layers=module)
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a ``PeftModel`` (the model itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def backbone_without_head(model: nn.Module) -> nn.Module:
     """The model minus its LM head, so calibration does not pay for the vocabulary projection.
 
     ``LlamaForCausalLM.model`` is ``LlamaModel``; ``LlavaForConditionalGeneration.model`` is ``LlavaModel``
     (vision tower + projector + language model). Both take the same inputs as the full model.
     """
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
+    model = unwrap_peft(model)
     inner = getattr(model, "model", None)
     if isinstance(inner, nn.Module) and hasattr(model, "lm_head"):
         return inner

@@ -35,6 +35,7 @@ import torch
 from sharelora_plugin.conversations import IMAGE_PLACEHOLDER, ConversationError, conversations_to_messages
 from sharelora_plugin.distributed import LOG
 from sharelora_plugin.images import load_image
+from sharelora_plugin.layers import unwrap_peft
 
 IMAGE_KEYS = ("image", "path", "url", "base64")
 TEXT_KEYS = ("input_ids", "attention_mask")
@@ -75,8 +76,7 @@ class VisualBatches(list):
 def is_multimodal(model: torch.nn.Module) -> bool:
     """True for a vision-language model (a config with a ``vision_config``, e.g. ``LlavaForConditionalGeneration``),
     also when wrapped in a ``PeftModel``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(getattr(base, "config", None), "vision_config", None) is not None
+    return getattr(getattr(unwrap_peft(model), "config", None), "vision_config", None) is not None
 
 
 def _drop_none(value: Any) -> Any:
@@ -239,8 +239,7 @@ def pad_samples(
         for row, part in enumerate(parts):
             if part is not None:
                 n = part.shape[0]
-                cols = slice(width - n, width) if left else slice(0, n)
-                out[(row, cols, *(slice(0, d) for d in part.shape[1:]))] = part
+                out[row, slice(width - n, width) if left else slice(0, n)] = _zero_pad(part, trailing)
         batch[key] = out
     row_layout = any(key in s.per_image for s in samples for key in ROW_LAYOUT_KEYS)
     for key in dict.fromkeys(k for s in samples for k in s.per_image):
@@ -380,10 +379,9 @@ def calibration_image_roots(source: str, calibration: Mapping[str, Any]) -> list
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
     """The vision encoder of a VLM (``vision_tower`` in LLaVA/Gemma 3/Mistral 3, ``visual`` in Qwen2-VL,
     ``vision_model`` in Idefics3/SmolVLM/mllama), on the model or its inner ``model``; ``None`` for text models."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for owner in (getattr(base, "model", None), base):
+    for owner in _inner_and_base(model):
         for name in VISION_TOWER_NAMES:
-            tower = getattr(owner, name, None) if owner is not None else None
+            tower = getattr(owner, name, None)
             if isinstance(tower, torch.nn.Module):
                 return tower
     return None
@@ -406,8 +404,15 @@ def computes_own_positions(model: torch.nn.Module, batch: Mapping[str, Any]) -> 
     by the attention mask). A text-only batch of such a model takes ordinary 1-D positions."""
     if batch.get("image_grid_thw") is None and batch.get("video_grid_thw") is None:
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return any(hasattr(owner, "get_rope_index") for owner in (base, getattr(base, "model", None)))
+    return any(hasattr(owner, "get_rope_index") for owner in _inner_and_base(model))
+
+
+def _inner_and_base(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Where a VLM keeps its parts: the inner ``model`` (``LlavaModel``, ``Qwen2VLModel`` …), then the transformers
+    model itself (unwrapped from PEFT)."""
+    base = unwrap_peft(model)
+    inner = getattr(base, "model", None)
+    return [owner for owner in (inner, base) if isinstance(owner, torch.nn.Module)]
 
 
 def _cfg_get(cfg: Any, key: str) -> Any:

@@ -189,5 +189,5 @@ class ShareLoRAPlugin(BasePlugin):
             distributed.log_all_ranks(
                 "ShareLoRA rank %d: ties hold after training; trainable checksum %s",
                 distributed.process_index(),
-                fsdp.trainable_checksum(model) if fsdp.is_sharded(model) else trainable_checksum(model),
+                trainable_checksum(model),
             )

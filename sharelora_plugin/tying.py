@@ -198,10 +198,19 @@ def tie_layout_fingerprint(model: nn.Module, *, layers_path: str | None = None) 
 
 
 def trainable_checksum(model: nn.Module) -> str:
-    """Hash of all trainable values (shared tensors once); equal on every process after synchronised steps."""
+    """Hash of all trainable values (shared tensors once); equal on every process after synchronised steps.
+    FSDP2-sharded parameters (DTensors) are gathered to full tensors first; gathering is a collective, so once the
+    process group is closed (Axolotl's second ``post_train`` comes after it) the hash says so instead."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
         if p.requires_grad:
+            if isinstance(p, DTensor):
+                if not dist.is_initialized():
+                    return "n/a (process group closed)"
+                p = p.full_tensor()
             digest.update(name.encode())
             digest.update(p.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -28,6 +28,15 @@ TEXT = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 4096,
 }
+# a 2-layer vision tower on 32x32 images of 8x8 patches (16 patches per image)
+VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
 
 
 def _tokenizer(smollm2_dir: Path, tokens: list[str], **extra_special_tokens: str):
@@ -108,12 +117,7 @@ def llava_next(smollm2_dir: Path):
         text_config={"model_type": "llama", "vocab_size": len(tokenizer), **TEXT},
         vision_config={
             "model_type": "clip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
+            **VISION,
             "projection_dim": 32,
         },
         image_token_id=_ids(tokenizer, "<image>")[0],
@@ -215,12 +219,7 @@ def gemma3(smollm2_dir: Path):
         },
         vision_config={
             "model_type": "siglip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
+            **VISION,
         },
         mm_tokens_per_image=4,
         boi_token_index=boi,
@@ -266,13 +265,9 @@ def mistral3(smollm2_dir: Path):
         text_config={"model_type": "mistral", "vocab_size": len(tokenizer), **TEXT},
         vision_config={
             "model_type": "pixtral",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            **VISION,
             "head_dim": 16,
             "image_size": 64,
-            "patch_size": 8,
         },
         image_token_index=_ids(tokenizer, "[IMG]")[0],
         spatial_merge_size=2,
@@ -308,12 +303,7 @@ def _idefics(smollm2_dir: Path, model_type: str, processor_cls, image_processor_
         model_type,
         text_config={"model_type": "llama", "vocab_size": len(tokenizer), **TEXT},
         vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
+            **VISION,
         },
         image_token_id=_ids(tokenizer, "<image>")[0],
         scale_factor=2,
