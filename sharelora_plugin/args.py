@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -249,22 +250,27 @@ def _deepspeed_stage(deepspeed: Any) -> int | None:
     return int(stage) if isinstance(stage, int | str) and str(stage).isdigit() else None
 
 
+def config_value(config: Any, key: str, default: Any = None) -> Any:
+    """``key`` of a config: the raw YAML dict, Axolotl's ``DictDefault`` or an attribute object (pydantic); ``default``
+    when the config is ``None`` or the value is missing or ``None``."""
+    if config is None:
+        return default
+    value = config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
+    return default if value is None else value
+
+
 def fsdp_version(config: Any) -> int | None:
     """The FSDP version a config runs (``None`` without FSDP), resolved as Axolotl 0.19 does: FSDP is on with
     ``fsdp_config`` (or the deprecated ``fsdp`` list); the version is the top-level ``fsdp_version``, else
     ``fsdp_config.fsdp_version`` / ``fsdp_config.version``, else 1 (Axolotl pins a versionless ``fsdp_config`` to
     FSDP1). Works on the raw YAML dict and on a validated config."""
-
-    def get(obj: Any, key: str) -> Any:
-        return obj.get(key) if hasattr(obj, "get") else getattr(obj, key, None)
-
-    fsdp_config = get(config, "fsdp_config")
-    if not (get(config, "fsdp") or fsdp_config):
+    fsdp_config = config_value(config, "fsdp_config")
+    if not (config_value(config, "fsdp") or fsdp_config):
         return None
     version = (
-        get(config, "fsdp_version")
-        or get(fsdp_config or {}, "fsdp_version")
-        or get(fsdp_config or {}, "version")
+        config_value(config, "fsdp_version")
+        or config_value(fsdp_config, "fsdp_version")
+        or config_value(fsdp_config, "version")
     )
     return int(version) if str(version).isdigit() else 1
 

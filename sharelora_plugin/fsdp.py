@@ -62,7 +62,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from sharelora_plugin.args import fsdp_version
+from sharelora_plugin.args import config_value, fsdp_version
 from sharelora_plugin.distributed import LOG, cpu_only_multiprocess
 from sharelora_plugin.tying import SHARED_ATTRS
 
@@ -299,10 +299,7 @@ def prepare_fsdp2(cfg: Any, share_sets: Sequence[Sequence[int]], layers_path: st
         return False
     shard_shared_modules_once()
     complete_axolotl_fsdp2_adapter_save(share_sets, layers_path)
-    fsdp_config = cfg.get("fsdp_config") if hasattr(cfg, "get") else getattr(cfg, "fsdp_config", None)
-    state_dict_type = getattr(fsdp_config, "state_dict_type", None) or (
-        fsdp_config.get("state_dict_type") if hasattr(fsdp_config, "get") else None
-    )
+    state_dict_type = config_value(config_value(cfg, "fsdp_config"), "state_dict_type")
     if str(state_dict_type).upper() == "FULL_STATE_DICT":
         LOG.warning(
             "ShareLoRA FSDP2: fsdp_config.state_dict_type FULL_STATE_DICT writes checkpoints that do not resume "

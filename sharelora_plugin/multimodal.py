@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from sharelora_plugin.args import config_value
 from sharelora_plugin.conversations import IMAGE_PLACEHOLDER, ConversationError, conversations_to_messages
 from sharelora_plugin.distributed import LOG
 from sharelora_plugin.images import load_image
@@ -103,16 +104,18 @@ def row_to_messages(
 ) -> tuple[list[dict], list[Any]]:
     """Messages with bare ``{"type": "image"}`` entries, and the PIL images those entries stand for, in order."""
     row = _drop_none(dict(row))
+    column = row.get("images", row.get("image"))
+    column_images = [] if column is None else list(column) if isinstance(column, list) else [column]
     if isinstance(row.get(messages_field), list):
         messages = [
             {"role": m["role"], "content": _content_list(m.get("content"))} for m in row[messages_field]
         ]
     elif isinstance(row.get("conversations"), list):
         # upstream LLaVA rows: placeholders → bare image entries, filled from the image column below
-        column = row.get("images", row.get("image"))
-        count = 0 if column is None else len(column) if isinstance(column, list) else 1
         try:
-            messages = conversations_to_messages(row["conversations"], [{"type": "image"}] * count)
+            messages = conversations_to_messages(
+                row["conversations"], [{"type": "image"}] * len(column_images)
+            )
         except ConversationError as err:
             raise VisualCalibrationError(str(err)) from None
     else:
@@ -120,8 +123,6 @@ def row_to_messages(
             f"no {messages_field!r} messages and no 'conversations' (columns: {sorted(row)}); "
             "set sharelora.calibration.messages_field"
         )
-    column = row.get("images", row.get("image"))
-    column_images = [] if column is None else list(column) if isinstance(column, list) else [column]
     images: list[Any] = []
     bare_entries = 0
     for message in messages:
@@ -328,12 +329,12 @@ def visual_text_batches(
 def load_calibration_processor(cfg: Any, tokenizer):
     """The processor Axolotl trains with (``axolotl.loaders.load_processor``; ``processor_config`` is set for
     multimodal configs), else ``AutoProcessor`` of the base model; its tokenizer is the one given."""
-    processor_config = _cfg_get(cfg, "processor_config")
+    processor_config = config_value(cfg, "processor_config")
     if processor_config:
         from axolotl.loaders import load_processor
 
         return load_processor(cfg, tokenizer)
-    base_model = _cfg_get(cfg, "base_model")
+    base_model = config_value(cfg, "base_model")
     if not base_model:
         raise VisualCalibrationError(
             "cannot load the processor: the config has no base_model / processor_config"
@@ -341,7 +342,7 @@ def load_calibration_processor(cfg: Any, tokenizer):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(
-        base_model, trust_remote_code=bool(_cfg_get(cfg, "trust_remote_code"))
+        base_model, trust_remote_code=bool(config_value(cfg, "trust_remote_code"))
     )
     processor.tokenizer = tokenizer
     return processor
@@ -350,7 +351,7 @@ def load_calibration_processor(cfg: Any, tokenizer):
 def training_chat_template(cfg: Any, tokenizer, processor) -> str | None:
     """The chat template the multimodal collator renders with: the config's ``chat_template`` (resolved like
     Axolotl does) when set, else the processor's or the tokenizer's own."""
-    if _cfg_get(cfg, "chat_template"):
+    if config_value(cfg, "chat_template"):
         from axolotl.utils.chat_templates import get_chat_template_from_config
 
         return get_chat_template_from_config(cfg=cfg, tokenizer=tokenizer)
@@ -413,11 +414,3 @@ def _inner_and_base(model: torch.nn.Module) -> list[torch.nn.Module]:
     base = unwrap_peft(model)
     inner = getattr(base, "model", None)
     return [owner for owner in (inner, base) if isinstance(owner, torch.nn.Module)]
-
-
-def _cfg_get(cfg: Any, key: str) -> Any:
-    if cfg is None:
-        return None
-    if isinstance(cfg, Mapping):
-        return cfg.get(key)
-    return getattr(cfg, key, None)

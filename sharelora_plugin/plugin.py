@@ -26,6 +26,7 @@ from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from transformers import TrainerCallback
 
 from sharelora_plugin import distributed, fsdp, workflow
+from sharelora_plugin.args import config_value
 from sharelora_plugin.planning import SharePlan
 from sharelora_plugin.tying import (
     tie_layout_fingerprint,
@@ -40,10 +41,7 @@ ADAPTER = "sharelora"
 
 
 def _enabled(cfg: Any) -> bool:
-    block = cfg.get("sharelora") if hasattr(cfg, "get") else None
-    return bool(
-        block and (block.get("enabled") if hasattr(block, "get") else getattr(block, "enabled", False))
-    )
+    return bool(config_value(config_value(cfg, "sharelora"), "enabled"))
 
 
 def alias_adapter(cfg: Any) -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sharelora_plugin.args import config_value
 from sharelora_plugin.calibration import CalibrationResult, calibrate, text_batches
 from sharelora_plugin.distributed import LOG, distributed_state, process_index
 from sharelora_plugin.layer_kinds import layer_kinds
@@ -39,21 +40,11 @@ PLAN_FILENAME = "sharelora_plan.json"
 HEATMAP_FILENAME = "sharelora_similarity.png"
 
 
-def _get(obj: Any, key: str, default: Any = None) -> Any:
-    if obj is None:
-        return default
-    if isinstance(obj, dict):
-        value = obj.get(key, default)
-    else:
-        value = getattr(obj, key, default)
-    return default if value is None else value
-
-
 def sharelora_settings(cfg: Any) -> dict:
     """The ``sharelora:`` block as a plain dict with defaults filled in (works on a validated Axolotl cfg)."""
     from sharelora_plugin.args import ShareLoRAConfig
 
-    block = _get(cfg, "sharelora") or {}
+    block = config_value(cfg, "sharelora") or {}
     if hasattr(block, "to_dict"):
         block = block.to_dict()
     elif hasattr(block, "model_dump"):
@@ -63,11 +54,11 @@ def sharelora_settings(cfg: Any) -> dict:
 
 def resume_checkpoint(cfg: Any) -> str | None:
     """The checkpoint this run will resume from (explicit or by auto-resume), known before the model loads."""
-    explicit = _get(cfg, "resume_from_checkpoint")
+    explicit = config_value(cfg, "resume_from_checkpoint")
     if explicit:
         return str(explicit)
-    output_dir = _get(cfg, "output_dir")
-    if _get(cfg, "auto_resume_from_checkpoints") and output_dir:
+    output_dir = config_value(cfg, "output_dir")
+    if config_value(cfg, "auto_resume_from_checkpoints") and output_dir:
         ckpts = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
         if ckpts:
             return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1])))
@@ -80,7 +71,7 @@ def saved_plan_source(cfg: Any) -> Path | None:
     settings = sharelora_settings(cfg)
     if settings["plan_file"]:
         return Path(settings["plan_file"])
-    for folder in (_get(cfg, "lora_model_dir"), resume_checkpoint(cfg)):
+    for folder in (config_value(cfg, "lora_model_dir"), resume_checkpoint(cfg)):
         if folder and (Path(folder) / PLAN_FILENAME).is_file():
             return Path(folder) / PLAN_FILENAME
     return None
@@ -94,12 +85,12 @@ def load_calibration_rows(settings: dict, cfg: Any) -> tuple[list[dict], str]:
     cal = settings["calibration"]
     path = cal["path"]
     if not path:
-        datasets = _get(cfg, "datasets") or []
+        datasets = config_value(cfg, "datasets") or []
         if not datasets:
             raise PlanError(
                 "sharelora.calibration.path is not set and the config has no datasets to calibrate on"
             )
-        path = _get(datasets[0], "path")
+        path = config_value(datasets[0], "path")
         LOG.info("ShareLoRA: calibrating on the first training dataset %s", path)
     p = Path(str(path)).expanduser()
     if p.is_file():
@@ -374,12 +365,12 @@ def make_or_load_plan(cfg: Any, model, tokenizer_loader) -> tuple[SharePlan, str
     per-sample matrices (``sharelora_calibration.npz`` contents) when this process has them: after calibration on
     the main process, or found beside a saved plan (so they travel with it into output_dir)."""
     settings = sharelora_settings(cfg)
-    base_rank = int(_get(cfg, "lora_r", 8))
+    base_rank = int(config_value(cfg, "lora_r", 8))
     source = saved_plan_source(cfg)
     if source is not None:
         plan = SharePlan.load(source)
         check_plan_fits(
-            plan, model, settings, str(source), None if _get(cfg, "lora_model_dir") else base_rank
+            plan, model, settings, str(source), None if config_value(cfg, "lora_model_dir") else base_rank
         )
         return plan, str(source), per_sample_beside(source)
     state = distributed_state()
@@ -389,7 +380,7 @@ def make_or_load_plan(cfg: Any, model, tokenizer_loader) -> tuple[SharePlan, str
         LOG.info("ShareLoRA: calibrating on process %d (no saved plan applies)", process_index())
         result = run_calibration(model, tokenizer_loader(), settings, cfg, base_rank)
         plan = plan_from_calibration(result, settings, base_rank)
-        plan.metadata["model"] = str(_get(cfg, "base_model", ""))
+        plan.metadata["model"] = str(config_value(cfg, "base_model", ""))
         plan_dict = plan.to_dict()
         per_sample = (result.per_sample_angular, result.per_sample_cosine)
     if state is not None and state.num_processes > 1:
