@@ -8,6 +8,11 @@ Nothing here touches the Hugging Face Hub. Everything comes from wheels on PyPI:
 * ``gensim`` ships the Lee news corpus (``lee_background.cor``: 300 articles; ``lee.cor``: 50 articles).
   It is used as calibration text and as held-out completion text.
 * ``chatterbot-corpus`` ships English Q&A conversations, converted to chat ``messages`` rows for the demo.
+* The vaderSentiment 3.3.2 *source* distribution (MIT; only the sdist carries it, and nothing of it is imported)
+  ships ``additional_resources/hutto_ICWSM_2014.tar.gz`` with ``movieReviewSnippets_GroundTruth.txt``: 10,605
+  movie-review sentences with their mean human rating −4…+4 (``bench.quality``'s sentiment task).
+* ``gensim`` also ships ``questions-words.txt``: 19,544 word-analogy questions in 14 relations
+  (``bench.quality``'s analogy task).
 
 Run ``python -m bench.embedded`` (``make setup`` does). It is idempotent: a marker file per asset
 records the versions it was built from, so a second run takes well under a second.
@@ -16,10 +21,12 @@ records the versions it was built from, so a second run takes well under a secon
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -36,6 +43,10 @@ LEE_MEMBERS = {
 }
 CHATTERBOT_WHEEL = "chatterbot-corpus==1.3.3"
 CHATTERBOT_PREFIX = "chatterbot_corpus/data/english/"
+VADER_SDIST = "vaderSentiment==3.3.2"
+VADER_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+VADER_MOVIES = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+ANALOGY_MEMBER = "gensim/test/test_data/questions-words.txt"
 
 IM_END = "<|im_end|>"
 
@@ -73,6 +84,62 @@ def _download_wheel(requirement: str) -> Path:
         if path.name.lower().startswith(f"{name}-{version}-"):
             return path
     raise FileNotFoundError(f"pip download {requirement} did not produce a wheel in {wheels}")
+
+
+def _download_sdist(requirement: str) -> Path:
+    """The source distribution of ``requirement`` (``pip download --no-binary :all:``), cached like the wheels."""
+    sdists = cache_dir() / "sdists"
+    sdists.mkdir(parents=True, exist_ok=True)
+    name, version = requirement.split("==")
+    pattern = f"{name.lower()}-{version}.tar.gz"
+    for path in sdists.glob("*.tar.gz"):
+        if path.name.lower() == pattern:
+            return path
+    LOG.info("downloading source distribution %s", requirement)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "-d",
+        str(sdists),
+    ]
+    subprocess.run([*cmd, requirement], check=True)
+    for path in sdists.glob("*.tar.gz"):
+        if path.name.lower() == pattern:
+            return path
+    raise FileNotFoundError(f"pip download {requirement} did not produce {pattern} in {sdists}")
+
+
+def _movie_review_rows(sdist: Path) -> list[dict]:
+    """``{"id", "rating", "text"}`` of every line of the movie-review ground truth (tab-separated id, mean
+    rating, sentence), read from the archive inside the sdist without unpacking either to disk."""
+    with tarfile.open(sdist) as outer:
+        inner_bytes = outer.extractfile(VADER_ARCHIVE).read()
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+        raw = inner.extractfile(VADER_MOVIES).read()
+    rows = []
+    for line in raw.decode("utf-8").splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 3 and parts[2].strip():
+            rows.append({"id": int(parts[0]), "rating": float(parts[1]), "text": parts[2].strip()})
+    return rows
+
+
+def _analogy_rows(raw: bytes) -> list[dict]:
+    """``{"relation", "a", "b", "c", "d"}`` per question of ``questions-words.txt`` (``: relation`` headers)."""
+    rows, relation = [], None
+    for line in raw.decode("utf-8").splitlines():
+        if line.startswith(":"):
+            relation = line[1:].strip()
+        elif line.strip():
+            a, b, c, d = line.split()
+            rows.append({"relation": relation, "a": a, "b": b, "c": c, "d": d})
+    return rows
 
 
 def _done(marker: Path, stamp: str) -> bool:
@@ -144,17 +211,20 @@ def _chatterbot_rows(zf: zipfile.ZipFile) -> list[dict]:
 
 
 def prepare_data(force: bool = False) -> Path:
-    """Write ``lee_background.jsonl``, ``lee_test.jsonl`` (``{"text"}``) and ``chatterbot_en.jsonl``
-    (``{"messages"}``) under :func:`data_dir`."""
+    """Write ``lee_background.jsonl``, ``lee_test.jsonl`` (``{"text"}``), ``chatterbot_en.jsonl``
+    (``{"messages"}``), ``movie_reviews.jsonl`` (``{"id", "rating", "text"}``) and ``analogies.jsonl``
+    (``{"relation", "a", "b", "c", "d"}``) under :func:`data_dir`."""
     out = data_dir()
     marker = out / ".prepared"
-    stamp = f"{GENSIM_WHEEL} {CHATTERBOT_WHEEL}\n"
+    stamp = f"{GENSIM_WHEEL} {CHATTERBOT_WHEEL} {VADER_SDIST}\n"
     if not force and _done(marker, stamp):
         return out
     out.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(_download_wheel(GENSIM_WHEEL)) as zf:
         for name, member in LEE_MEMBERS.items():
             write_jsonl(out / f"{name}.jsonl", _lee_rows(zf.read(member)))
+        write_jsonl(out / "analogies.jsonl", _analogy_rows(zf.read(ANALOGY_MEMBER)))
+    write_jsonl(out / "movie_reviews.jsonl", _movie_review_rows(_download_sdist(VADER_SDIST)))
     with zipfile.ZipFile(_download_wheel(CHATTERBOT_WHEEL)) as zf:
         write_jsonl(out / "chatterbot_en.jsonl", _chatterbot_rows(zf))
     marker.write_text(stamp)

@@ -17,7 +17,7 @@ import numpy as np
 STRATEGIES = ("greedy", "optimal", "manual", "random", "alternate")
 # Strategies that read the similarity matrix and enforce eq. 3; the others take their sets from elsewhere.
 DATA_STRATEGIES = ("greedy", "optimal")
-METRICS = ("angular", "cosine")
+METRICS = ("angular", "cosine", "gradient_subspace")
 
 DEFAULT_THRESHOLD = 0.85  # the paper's best ε for LLaMA-7B / LLaMA2-7B
 DEFAULT_STRATEGY = "greedy"

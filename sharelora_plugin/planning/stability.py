@@ -50,6 +50,7 @@ from sharelora_plugin.planning.rules import (
     is_int,
 )
 from sharelora_plugin.planning.sets import set_min_similarity
+from sharelora_plugin.planning.subspace import SubspaceSketches
 
 
 def resampled_means(samples: np.ndarray, resamples: int, seed: int) -> np.ndarray:
@@ -69,6 +70,15 @@ def resampled_means(samples: np.ndarray, resamples: int, seed: int) -> np.ndarra
     index = np.arange(num_layers)
     means[:, index, index] = 1.0
     return means
+
+
+def resampled_similarities(samples: Any, resamples: int, seed: int) -> np.ndarray:
+    """``[B, L, L]`` bootstrap similarity matrices: means of resampled per-sample matrices (angular, cosine), or
+    for ``gradient_subspace`` the overlap of resampled sketch blocks (:class:`SubspaceSketches`), whose overlap
+    is not a mean of per-block overlaps."""
+    if isinstance(samples, SubspaceSketches):
+        return samples.resampled(resamples, seed)
+    return resampled_means(samples, resamples, seed)
 
 
 def lower_bound(means: np.ndarray, confidence: float) -> np.ndarray:
@@ -206,10 +216,12 @@ def plan_with_stability(
         raise PlanError("confidence needs the bootstrap; set bootstrap_resamples > 0 (default 200)")
     if not is_int(bootstrap_seed):
         raise PlanError(f"bootstrap seed must be an integer; got {bootstrap_seed!r}")
+    if not isinstance(samples, SubspaceSketches):
+        samples = np.asarray(samples)
     means = None
     bound = None
     if resamples:
-        means = resampled_means(samples, resamples, bootstrap_seed)
+        means = resampled_similarities(samples, resamples, bootstrap_seed)
         if confidence is not None:
             bound = lower_bound(means, confidence)
     # the settings the plan and every resample are made with
@@ -222,7 +234,7 @@ def plan_with_stability(
         "time_limit": time_limit,
     }
     plan = make_plan(
-        num_layers=np.asarray(samples).shape[1],
+        num_layers=samples.shape[1],
         similarity=similarity,
         threshold=threshold,
         metric=metric,
@@ -240,7 +252,7 @@ def plan_with_stability(
             means,
             # with target_fraction each resample chooses its own ε, as the plan did
             threshold=plan.threshold,
-            num_samples=np.asarray(samples).shape[0],
+            num_samples=samples.shape[0],
             seed=bootstrap_seed,
             confidence=confidence,
             bound=bound,
@@ -291,7 +303,9 @@ class StopWhenStable:
         self.stop_reason: str | None = None
 
     def __call__(self, similarity: np.ndarray, samples: np.ndarray) -> bool:
-        num_samples = int(np.asarray(samples).shape[0])
+        num_samples = int(
+            samples.shape[0] if isinstance(samples, SubspaceSketches) else np.asarray(samples).shape[0]
+        )
         if num_samples < self.min_samples:
             return False
         plan = plan_with_stability(samples, similarity, **self.plan_options)
