@@ -125,7 +125,7 @@ def render_markdown(report: dict) -> str:
         freq = plan.get("plan_frequency")
         lines.append(
             f"| {ARMS[arm].label if arm in ARMS else arm} | {plan['share_sets']} | {plan['rank']} | {plan['layers_saved']} | "
-            f"{plan['param_fraction']:.3f} | {plan['threshold'] if plan['threshold'] is not None else '–'} | "
+            f"{plan['param_fraction']:.3f} | {'–' if plan['threshold'] is None else format(plan['threshold'], '.4g')} | "
             f"{'–' if freq is None else f'{freq:.2f}'} |"
         )
     signal = report.get("signal")

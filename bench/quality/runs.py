@@ -126,7 +126,15 @@ def make_plans(
                 for draw in range(budget.random_plans):
                     plan_seed = 1000 * (seed + 1) + draw
                     plan = plan_from_calibration(
-                        result, {**base, "strategy": "random", "seed": plan_seed}, LORA_R
+                        # no bootstrap per draw: a random plan's report is its greedy reference's, recorded once
+                        result,
+                        {
+                            **base,
+                            "strategy": "random",
+                            "seed": plan_seed,
+                            "calibration": {**base["calibration"], "bootstrap_resamples": 0},
+                        },
+                        LORA_R,
                     )
                     save(plan, arm, f"seed{seed}_draw{draw}")
         elif kind == "gradient":
