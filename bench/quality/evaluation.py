@@ -42,7 +42,9 @@ def score_task(model, tokenizer, task: Task, batch_size: int) -> dict:
     import torch
 
     nll, tokens, answer_nll, answer_tokens, correct = [], [], [], [], []
-    rows = task.test
+    # scored in order of length (little padding), reported in the task's order
+    order = sorted(range(len(task.test)), key=lambda i: len(task.test[i]["prompt"]))
+    rows = [task.test[i] for i in order]
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -74,12 +76,14 @@ def score_task(model, tokenizer, task: Task, batch_size: int) -> dict:
                 ):
                     chunk_correct[b] = value
             correct.extend(chunk_correct)
+    position = {original: k for k, original in enumerate(order)}
+    back = [position[i] for i in range(len(order))]
     return {
-        "nll": nll,
-        "tokens": tokens,
-        "answer_nll": answer_nll,
-        "answer_tokens": answer_tokens,
-        "correct": correct,
+        "nll": [nll[k] for k in back],
+        "tokens": [tokens[k] for k in back],
+        "answer_nll": [answer_nll[k] for k in back],
+        "answer_tokens": [answer_tokens[k] for k in back],
+        "correct": [correct[k] for k in back],
     }
 
 

@@ -187,6 +187,8 @@ def run_config(arm: str, seed: int, budget: Budget, paths: dict, plan_file: Path
         "sequence_len": budget.sequence_len,
         "sample_packing": False,
         "pad_to_multiple_of": 8,
+        # batches of similar length (the same batches for every arm at a seed): about half the padding otherwise
+        "group_by_length": True,
         "micro_batch_size": budget.micro_batch_size,
         "gradient_accumulation_steps": 1,
         "max_steps": steps,

@@ -52,13 +52,13 @@ class Budget:
 
 
 FULL = Budget(
-    steps=40,
-    seeds=(0, 1, 2, 3, 4),
+    steps=30,
+    seeds=(0, 1, 2, 3),
     random_plans=2,
     train_rows=400,
-    test_rows=400,
+    test_rows=300,
     calibration_samples=128,
-    lee_texts=24,
+    lee_texts=8,
 )
 QUICK = Budget(
     steps=2,
