@@ -14,7 +14,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 INSTALLED := $(VENV)/.sharelora-installed
 ASSETS := .cache/models/SmolLM2-135M-Instruct/.prepared .cache/data/.prepared
 
-.PHONY: setup demo test test-fast lint format reproduce llava-demo clean
+.PHONY: setup demo test test-fast lint format reproduce quality llava-demo clean
 
 setup: $(INSTALLED) assets
 
@@ -60,6 +60,13 @@ format: setup
 # (its report goes to outputs/reproduce_small/quick/).
 reproduce: setup
 	$(PY) -m bench.reproduce_small $(REPRODUCE_ARGS)
+
+# Does sharing keep quality? Paired LoRA vs ShareLoRA arms on rated movie reviews and held-out word analogies
+# (~90 min on 2 free CPU cores, resumable); results land in bench/results/quality.{json,md,png}.
+# `make quality QUALITY_ARGS=--quick` checks the pipeline in ~1 min (report in outputs/quality/quick/);
+# `QUALITY_ARGS="--task my_task.jsonl"` runs the same protocol on your own data.
+quality: setup
+	$(PY) -m bench.quality $(QUALITY_ARGS)
 
 clean:
 	rm -rf outputs last_run_prepared .pytest_cache

@@ -21,6 +21,8 @@ from sharelora_plugin.planning.rules import METRICS, STRATEGIES
 # cannot be subtracted from several different base weights, so they contradict sharing.
 WEIGHT_REWRITING_INITS = ("pissa", "olora", "loftq", "eva", "corda")
 LOCAL_FILE_SUFFIXES = (".json", ".jsonl", ".txt", ".parquet", ".csv", ".arrow")
+# k of the gradient sketches: the value every measurement in the README was made with
+DEFAULT_SKETCH_RANK = 8
 
 
 # keys checked by the planning rules (the same functions the planner and the CLI call)
@@ -94,8 +96,13 @@ class CalibrationConfig(BaseModel):
         default=rules.DEFAULT_STABILITY_TARGET,
         description="stop_when_stable: the plan frequency (fraction of resamples giving the same sets) to reach.",
     )
+    sketch_rank: int = Field(
+        default=DEFAULT_SKETCH_RANK,
+        description="metric gradient_subspace: columns k of each gradient sketch (the overlap's random level is "
+        "about k/d). Fixed rather than tied to lora_r, so a threshold means the same at any rank.",
+    )
 
-    @field_validator("num_samples", "max_length", "batch_size")
+    @field_validator("num_samples", "max_length", "batch_size", "sketch_rank")
     @classmethod
     def _positive(cls, value: int, info) -> int:
         if value <= 0:
@@ -157,7 +164,9 @@ class ShareLoRAConfig(BaseModel):
         default=rules.DEFAULT_THRESHOLD, description="ε: every pair of layers in a set needs similarity ≥ ε."
     )
     metric: Literal[METRICS] = Field(  # type: ignore[valid-type]
-        default=rules.DEFAULT_METRIC, description="Similarity: 1 − d (eq. 4) or cosine."
+        default=rules.DEFAULT_METRIC,
+        description="Similarity: 1 − d (eq. 4), cosine, or gradient_subspace (overlap of the layers' first-step "
+        "weight-gradient subspaces; needs target_fraction or an explicit threshold).",
     )
     strategy: Literal[STRATEGIES] = Field(  # type: ignore[valid-type]
         default=rules.DEFAULT_STRATEGY, description="How share sets are chosen."
@@ -233,7 +242,36 @@ class ShareLoRAConfig(BaseModel):
                 f"sharelora.calibration.stop_when_stable has nothing to wait for with strategy {self.strategy!r} "
                 "(its sets do not depend on calibration); set it to false"
             )
+        if self.metric == rules.GRADIENT_METRIC and not self.plan_file:
+            self._check_gradient_metric()
         return self
+
+    def _check_gradient_metric(self) -> None:
+        # "threshold" is in model_fields_set only when the YAML gave it (the 0.85 default is angular's)
+        rules.check_gradient_threshold(
+            self.metric,
+            self.strategy,
+            threshold_given="threshold" in self.model_fields_set,
+            target_fraction=self.target_fraction,
+            threshold_key="sharelora.threshold",
+            fraction_key="sharelora.target_fraction",
+        )
+        cal = self.calibration
+        blocks = -(-cal.num_samples // cal.batch_size)
+        needs = [
+            key
+            for key, on in (
+                ("sharelora.calibration.stop_when_stable", cal.stop_when_stable),
+                ("sharelora.confidence", self.confidence is not None),
+            )
+            if on
+        ]
+        if needs and blocks < 2:
+            raise ValueError(
+                f"{needs[0]} with metric gradient_subspace needs a bootstrap over at least 2 sketch blocks (one per "
+                f"calibration batch), but num_samples={cal.num_samples} in batches of {cal.batch_size} gives "
+                f"{blocks}; lower sharelora.calibration.batch_size or raise num_samples"
+            )
 
 
 def _deepspeed_stage(deepspeed: Any) -> int | None:
@@ -330,11 +368,22 @@ def incompatible_options(data: dict) -> list[str]:
             "hooks, so the layers would not be tied; train ShareLoRA with supervised fine-tuning (no rl key)"
         )
     stage = _deepspeed_stage(data.get("deepspeed"))
+    gradient = sl.get("metric") == rules.GRADIENT_METRIC
     if stage == 3 and not sl.get("plan_file"):
         problems.append(
             "DeepSpeed ZeRO-3 partitions the weights before the plugin can calibrate; run "
             "`sharelora plan --config <this yaml>` first and set sharelora.plan_file to the written sharelora_plan.json"
+            + (
+                " (with sharelora.metric: gradient_subspace that command runs one forward and backward pass per "
+                "calibration batch on one device, without DeepSpeed, so that device must hold the whole base model "
+                "and a batch's activations; lower sharelora.calibration.batch_size or max_length if it does not fit, "
+                "or use metric angular, which needs only forward passes)"
+                if gradient
+                else ""
+            )
         )
+    if gradient and not sl.get("plan_file"):
+        problems.extend(_gradient_metric_problems(data))
     gc_kwargs = data.get("gradient_checkpointing_kwargs") or {}
     distributed = (
         bool(data.get("deepspeed")) or int(os.environ.get("WORLD_SIZE", "1")) > 1 or bool(data.get("ddp"))
@@ -343,6 +392,28 @@ def incompatible_options(data: dict) -> list[str]:
         problems.append(
             "gradient_checkpointing_kwargs.use_reentrant: true with shared LoRA modules under DDP/DeepSpeed makes "
             "a shared parameter 'ready' twice per step; set use_reentrant: false (the default with sharelora)"
+        )
+    return problems
+
+
+def _gradient_metric_problems(data: dict) -> list[str]:
+    """What ``sharelora.metric: gradient_subspace`` cannot calibrate on (a ``plan_file`` avoids calibrating)."""
+    problems = []
+    for key in ("load_in_4bit", "load_in_8bit"):
+        if data.get(key):
+            problems.append(
+                f"sharelora.metric: gradient_subspace is not supported with {key}: true (its backward passes would "
+                "run through the quantized bitsandbytes layers); use metric angular, or make the plan on the "
+                "unquantized model with "
+                "`sharelora plan --config <this yaml>` (it loads the base in bf16/fp32) and set sharelora.plan_file "
+                "to the written sharelora_plan.json"
+            )
+    if data.get("processor_type"):
+        problems.append(
+            "sharelora.metric: gradient_subspace is not supported for a visual-text model (processor_type is "
+            f"{data.get('processor_type')!r}): its causal-LM loss would also score the image placeholder tokens "
+            "and the model's own position handling is not applied, so the sketches would not be the training "
+            "gradient's; use metric angular (calibrates on image+text samples), or a sharelora.plan_file"
         )
     return problems
 

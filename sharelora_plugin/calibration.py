@@ -23,6 +23,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from tqdm.auto import tqdm
 
 from sharelora_plugin.layers import backbone_without_head, find_decoder_layers
 from sharelora_plugin.multimodal import computes_own_positions
+
+if TYPE_CHECKING:
+    from sharelora_plugin.planning.subspace import SubspaceSketches
 
 # Per-sample angular distances and cosines are kept as float32: N * L * L * 4 bytes each, 8 * N * L^2 together.
 # 1 GiB is ~130,000 samples of a 32-layer model or ~21,000 of an 80-layer one; far beyond any calibration set.
@@ -45,10 +49,11 @@ def per_sample_bytes(num_samples: int, num_layers: int) -> int:
 @dataclass
 class CalibrationResult:
     """Mean pairwise angular distance and cosine between decoder layer outputs (L×L each), and the same per
-    sample (``[N, L, L]`` float32) for the bootstrap."""
+    sample (``[N, L, L]`` float32) for the bootstrap; or, for ``metric: gradient_subspace``, the gradient
+    ``sketches`` (one block per batch) and no angular or cosine matrices."""
 
-    angular_distance: np.ndarray
-    cosine: np.ndarray
+    angular_distance: np.ndarray | None
+    cosine: np.ndarray | None
     num_samples: int
     num_tokens: int
     seconds: float
@@ -59,19 +64,33 @@ class CalibrationResult:
     stopped_early: bool = False
     layer_kinds: list[int] | None = None  # set by the caller when the layer list mixes kinds
     layer_kind_descriptions: list[str] | None = None
+    sketches: SubspaceSketches | None = None  # metric gradient_subspace
 
     @property
     def num_layers(self) -> int:
+        if self.angular_distance is None and self.sketches is not None:
+            return self.sketches.num_layers
         return int(self.angular_distance.shape[0])
 
     def similarity(self, metric: str = "angular") -> np.ndarray:
-        """Similarity compared against ε: ``1 − d`` for ``angular`` (default), mean cosine for ``cosine``."""
+        """Similarity compared against ε: ``1 − d`` for ``angular`` (default), mean cosine for ``cosine``, the
+        overlap of the summed sketches for ``gradient_subspace``."""
+        if metric == "gradient_subspace":
+            if self.sketches is None:
+                raise ValueError("this calibration measured layer outputs, not gradient sketches")
+            return self.sketches.overlap()
+        if self.angular_distance is None:
+            raise ValueError(
+                f"this calibration measured gradient sketches only; metric {metric!r} needs a calibration with it"
+            )
         if metric == "angular":
             sim = 1.0 - self.angular_distance
         elif metric == "cosine":
             sim = self.cosine.copy()
         else:
-            raise ValueError(f"sharelora.metric must be 'angular' or 'cosine', got {metric!r}")
+            raise ValueError(
+                f"sharelora.metric must be 'angular', 'cosine' or 'gradient_subspace', got {metric!r}"
+            )
         np.fill_diagonal(sim, 1.0)
         return sim
 

@@ -43,6 +43,10 @@ def heatmap_figure(plan: SharePlan, title: str | None = None) -> Figure:
     sim = np.asarray(plan.similarity, dtype=np.float64)
     num_layers = plan.num_layers
     off_diagonal = sim[~np.eye(num_layers, dtype=bool)]
+    label, floor = similarity_label(plan)
+    # the colour range is the data's own (angular lives near 0.5–1, gradient overlap near k/d–0.2); for the overlap
+    # it starts no higher than the random level, so "unrelated" is the bottom colour
+    vmin = float(off_diagonal.min()) if floor is None else min(floor, float(off_diagonal.min()))
 
     comembership = (plan.stability or {}).get("comembership")
     panels = 2 if comembership is not None else 1
@@ -52,12 +56,12 @@ def heatmap_figure(plan: SharePlan, title: str | None = None) -> Figure:
     image = axes.imshow(
         sim,
         cmap="viridis",
-        vmin=float(off_diagonal.min()),
-        vmax=float(off_diagonal.max()),
+        vmin=vmin,
+        vmax=max(float(off_diagonal.max()), vmin + 1e-9),
         interpolation="nearest",
     )
     colorbar = figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
-    colorbar.set_label(f"{plan.metric} similarity")
+    colorbar.set_label(label)
 
     _outline_sets(axes, plan.share_sets)
     ticks = list(range(0, num_layers, _tick_step(num_layers)))
@@ -68,7 +72,7 @@ def heatmap_figure(plan: SharePlan, title: str | None = None) -> Figure:
     if title is None:
         threshold = "-" if plan.threshold is None else f"{plan.threshold:g}"
         title = (
-            f"{plan.metric} similarity, \u03b5={threshold}, strategy={plan.strategy}\n"
+            f"{label}, \u03b5={threshold}, strategy={plan.strategy}\n"
             f"{len(plan.share_sets)} share sets, {plan.distinct_modules}/{num_layers} distinct LoRA modules, "
             f"rank {plan.base_rank}\u2192{plan.rank}"
         )
@@ -77,6 +81,18 @@ def heatmap_figure(plan: SharePlan, title: str | None = None) -> Figure:
         _comembership_panel(figure.add_subplot(1, 2, 2), figure, plan, np.asarray(comembership, dtype=float))
     figure.tight_layout()
     return figure
+
+
+def similarity_label(plan: SharePlan) -> tuple[str, float | None]:
+    """What the plan's matrix is called on the figure, and the bottom of its scale when it has a known one: the
+    random level ``k/d`` of a gradient-subspace overlap (recorded in the plan's calibration metadata)."""
+    if plan.metric != "gradient_subspace":
+        return f"{plan.metric} similarity", None
+    calibration = plan.metadata.get("calibration") or {}
+    level, k = calibration.get("random_level"), calibration.get("sketch_rank")
+    if isinstance(level, int | float) and not isinstance(level, bool):
+        return f"gradient-subspace overlap (k={k}, random level {level:.3f})", float(level)
+    return "gradient-subspace overlap", None
 
 
 def _comembership_panel(axes, figure: Figure, plan: SharePlan, comembership: np.ndarray) -> None:
@@ -100,9 +116,12 @@ def _comembership_panel(axes, figure: Figure, plan: SharePlan, comembership: np.
         if frequency is not None
         else f"{reference} at the same \u03b5 (sets fixed by {plan.strategy})"
     )
+    units = f"{stability.get('num_samples')} samples"
+    if stability.get("num_blocks") is not None:
+        units = f"{stability['num_blocks']} blocks ({units})"
     axes.set_title(
-        f"bootstrap co-membership, {stability.get('resamples')} resamples of {stability.get('num_samples')} "
-        f"samples\n{summary}; diagonal: layer shares with any other",
+        f"bootstrap co-membership, {stability.get('resamples')} resamples of {units}"
+        f"\n{summary}; diagonal: layer shares with any other",
         fontsize=10,
     )
 

@@ -38,9 +38,12 @@ from sharelora_plugin.planning.rules import (
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
     DEFAULT_THRESHOLD,
+    GRADIENT_METRIC,
+    check_gradient_threshold,
     check_planning_options,
     check_resamples,
 )
+from sharelora_plugin.planning.subspace import SKETCH_FILENAME, SubspaceSketches
 from sharelora_plugin.reports import PROG, params_line, print_json, show_text, sweep_table
 
 
@@ -99,17 +102,26 @@ def _similarity_for_metric(path: str, matrix: Any, source: dict, metric: str | N
 def _bootstrap_inputs(
     args: argparse.Namespace, source: dict, metric: str, num_layers: int
 ) -> tuple[Any, dict[str, Any]]:
-    """Per-sample similarities for ``metric`` from the calibration .npz, and the bootstrap settings: the flags,
-    else those stored in the plan file (so the same ε reproduces the stored report), else the defaults."""
-    path = Path(args.calibration) if args.calibration else Path(args.matrix).parent / CALIBRATION_FILENAME
+    """What the bootstrap resamples for ``metric`` (per-sample similarities from the calibration .npz, or the
+    gradient sketches from ``sharelora_sketches.npz`` for ``gradient_subspace``), and the bootstrap settings: the
+    flags, else those stored in the plan file (so the same ε reproduces the stored report), else the defaults."""
+    gradient = metric == GRADIENT_METRIC
+    beside = SKETCH_FILENAME if gradient else CALIBRATION_FILENAME
+    path = Path(args.calibration) if args.calibration else Path(args.matrix).parent / beside
     if not args.calibration and not source:
+        kind = "gradient sketch file (sharelora_sketches.npz)" if gradient else "per-sample file"
+        raise PlanError(f"{args.matrix} is not a sharelora_plan.json; pass the {kind} with --calibration")
+    if gradient:
+        samples: Any = SubspaceSketches.load(path)
+        file_layers = samples.num_layers
+    else:
+        angular, cosine = load_per_sample(path)
+        samples = similarity_from_distances(angular, cosine, metric)
+        file_layers = angular.shape[1]
+    if file_layers != num_layers:
         raise PlanError(
-            f"{args.matrix} is not a sharelora_plan.json; pass the per-sample file with --calibration"
-        )
-    angular, cosine = load_per_sample(path)
-    if angular.shape[1] != num_layers:
-        raise PlanError(
-            f"{path} holds {angular.shape[1]}-layer matrices but {args.matrix} is {num_layers} x {num_layers}"
+            f"{path} holds {file_layers}-layer {'sketches' if gradient else 'matrices'} but {args.matrix} is "
+            f"{num_layers} x {num_layers}"
         )
     stored = source.get("stability") or {}
     calibration = (source.get("metadata") or {}).get("calibration") or {}
@@ -124,7 +136,6 @@ def _bootstrap_inputs(
         raise PlanError(
             "--resamples 0 turns the bootstrap off; --stability and --confidence need at least 10"
         )
-    samples = similarity_from_distances(angular, cosine, metric)
     return samples, {"resamples": resamples, "bootstrap_seed": int(seed)}
 
 
@@ -132,9 +143,17 @@ def _plan_from_matrix(args: argparse.Namespace) -> int:
     matrix, source = load_similarity(args.matrix)
     similarity, metric = _similarity_for_metric(args.matrix, matrix, source, args.metric)
     base_rank = args.lora_r or source.get("base_rank") or DEFAULT_LORA_R
+    strategy = args.strategy or "greedy"
+    check_gradient_threshold(
+        metric,
+        strategy,
+        threshold_given=bool(args.threshold or source.get("threshold")),
+        target_fraction=args.target_fraction,
+        threshold_key="--threshold",
+        fraction_key="--target-fraction",
+    )
     thresholds = args.threshold or [source.get("threshold") or DEFAULT_THRESHOLD]
     _sweep_checks(args, thresholds)
-    strategy = args.strategy or "greedy"
     check_planning_options(
         strategy=strategy,
         contiguous=args.contiguous,
@@ -302,6 +321,13 @@ def _config_target_modules(cfg: Any) -> str | list[str] | None:
     return parse_target_modules(cfg.lora_target_modules)
 
 
+def _planning_only_overrides(raw: dict) -> dict[str, Any]:
+    """Keys of the YAML that concern training, not planning, switched off for ``plan --config``: it loads the base
+    unquantized on one device (``_load_base_model``), so a 4-bit/8-bit or ZeRO-3 training YAML, whose validation
+    asks for a plan file made this way, can be planned from as it is."""
+    return {key: None for key in ("deepspeed", "load_in_4bit", "load_in_8bit") if raw.get(key)}
+
+
 def _plan_from_config(args: argparse.Namespace) -> int:
     from sharelora_plugin.args import ShareLoRAConfig
 
@@ -330,7 +356,7 @@ def _plan_from_config(args: argparse.Namespace) -> int:
 
         from sharelora_plugin import workflow
 
-        cfg = load_cfg(str(path))
+        cfg = load_cfg(str(path), **_planning_only_overrides(raw))
         settings = workflow.sharelora_settings(cfg)
         settings.update(overrides)
         cfg["sharelora"] = ShareLoRAConfig(**settings).model_dump()
@@ -372,7 +398,11 @@ def _plan_from_config(args: argparse.Namespace) -> int:
             for threshold in thresholds:
                 options["threshold"] = threshold
                 if per_sample is not None:
-                    samples = similarity_from_distances(*per_sample, plan.metric)
+                    samples = (
+                        per_sample
+                        if isinstance(per_sample, SubspaceSketches)
+                        else similarity_from_distances(*per_sample, plan.metric)
+                    )
                     sweep.append(plan_with_stability(samples, plan.similarity, **options))
                 else:
                     for key in ("resamples", "bootstrap_seed", "confidence"):

@@ -14,7 +14,8 @@ pre_lora_load            plan: saved plan (plan_file / lora_model_dir / resumed 
                          ``lora_r`` before PEFT builds modules
 post_lora_load           tie lora_A/lora_B of each share set to the leader's; verify; log; write the plan
                          (``fsdp_version: 2``: shard each tied module once, complete the final adapter)
-add_callbacks_post_trainer  copy the plan (and the per-sample calibration file) into every checkpoint
+add_callbacks_post_trainer  copy the plan (and the per-sample calibration file) into every checkpoint; gradient
+                         sketches (metric gradient_subspace, up to 1 GiB) are written to output_dir only
 post_train               check the ties survived training
 """
 
@@ -28,6 +29,7 @@ from transformers import TrainerCallback
 from sharelora_plugin import distributed, fsdp, workflow
 from sharelora_plugin.args import config_value
 from sharelora_plugin.planning import SharePlan
+from sharelora_plugin.planning.subspace import SubspaceSketches
 from sharelora_plugin.tying import (
     tie_layout_fingerprint,
     tie_lora_modules,
@@ -174,6 +176,9 @@ class ShareLoRAPlugin(BasePlugin):
                 self.plan, cfg.output_dir, heatmap=settings["save_heatmap"], per_sample=self.per_sample
             )
             LOG.info("ShareLoRA: wrote %s", ", ".join(str(p) for p in written))
+        if isinstance(self.per_sample, SubspaceSketches):
+            # written once above; too large (up to 1 GiB) to hold through training or copy into every checkpoint
+            self.per_sample = None
 
     def add_callbacks_post_trainer(self, cfg, trainer):
         if not _enabled(cfg) or self.plan is None:

@@ -103,6 +103,19 @@ def show_text(plan: SharePlan) -> str:
                 f"{calibration.get('num_samples_cap')} samples ({calibration.get('stop_reason')}); "
                 f"plan frequency by samples: {trail}"
             )
+    if (
+        plan.metric == "gradient_subspace"
+        and isinstance(calibration, dict)
+        and calibration.get("sketch_rank")
+    ):
+        level = calibration.get("random_level")
+        lines.append(
+            f"gradient-subspace overlap: k={calibration['sketch_rank']} sketch columns, "
+            f"{calibration.get('sketch_blocks')} blocks ({calibration.get('sketch_bytes', 0) / 2**20:.1f} MiB, "
+            "sharelora_sketches.npz); unrelated layers sit near the random level"
+            + (f" {level:.4f}" if isinstance(level, int | float) else "")
+            + ", identical ones at 1"
+        )
     if meta.get("plan_source"):
         lines.append(f"plan source: {meta['plan_source']}")
     return "\n".join(lines)

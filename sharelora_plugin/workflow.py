@@ -13,6 +13,7 @@ from typing import Any
 from sharelora_plugin.args import config_value
 from sharelora_plugin.calibration import CalibrationResult, calibrate, text_batches
 from sharelora_plugin.distributed import LOG, distributed_state, process_index
+from sharelora_plugin.gradient_sketch import collect_sketches
 from sharelora_plugin.layer_kinds import layer_kinds
 from sharelora_plugin.layers import find_decoder_layers
 from sharelora_plugin.multimodal import (
@@ -34,7 +35,8 @@ from sharelora_plugin.planning import (
     save_per_sample,
     similarity_from_distances,
 )
-from sharelora_plugin.planning.rules import check_layer_kinds
+from sharelora_plugin.planning.rules import GRADIENT_METRIC, check_layer_kinds
+from sharelora_plugin.planning.subspace import SKETCH_FILENAME, SubspaceSketches, random_level
 
 PLAN_FILENAME = "sharelora_plan.json"
 HEATMAP_FILENAME = "sharelora_similarity.png"
@@ -170,15 +172,55 @@ def plan_options(
     }
 
 
+def calibration_target_modules(cfg: Any, model) -> str | list[str]:
+    """The modules LoRA will adapt, for the gradient sketches: ``all-linear`` for ``lora_target_linear`` (inside the
+    decoder layers that is every Linear), else ``lora_target_modules``, else PEFT's default targets for the model
+    type (what PEFT adapts when none are given), else every Linear."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    from sharelora_plugin.params import parse_target_modules
+
+    if config_value(cfg, "lora_target_linear"):
+        return "all-linear"
+    targets = parse_target_modules(config_value(cfg, "lora_target_modules"))
+    if targets:
+        return targets
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type, [])) or "all-linear"
+
+
+def _refuse_gradient_metric(model) -> None:
+    """What ``gradient_subspace`` cannot calibrate on, checked on the model as loaded (the YAML checks the same
+    keys at config time; this catches models handed in another way)."""
+    if is_multimodal(model):
+        raise PlanError(
+            "sharelora.metric: gradient_subspace is not supported for a visual-text model (its loss would score "
+            "the image placeholder tokens); use metric angular, or a sharelora.plan_file"
+        )
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        raise PlanError(
+            "sharelora.metric: gradient_subspace is not supported on a 4-bit or 8-bit base; use metric angular, or "
+            "make the plan on the unquantized model with `sharelora plan --config …` and set sharelora.plan_file"
+        )
+
+
 def run_calibration(model, tokenizer, settings: dict, cfg: Any, base_rank: int = 8) -> CalibrationResult:
     """Calibrate ``model`` on the configured samples: texts for a language model; image + text conversations,
     prepared with the model's processor and run through the whole VLM, for a multimodal model (LLaVA). Either way
     only the language model's decoder layers are measured.
 
+    With ``metric: gradient_subspace`` (text models only) each batch gets one forward and backward pass instead,
+    sketching every target module's weight gradient (:func:`~sharelora_plugin.gradient_sketch.collect_sketches`,
+    ``calibration.sketch_rank`` columns, one block per batch); the result carries the sketches and no angular or
+    cosine matrices.
+
     With ``calibration.stop_when_stable`` the samples run in their random order (not sorted by length, so every
     prefix is a random sample) and calibration stops after the first batch at which the plan made so far comes
-    back in at least ``calibration.stability`` of the bootstrap resamples (never before ``min_samples``);
-    ``num_samples`` is the cap."""
+    back in at least ``calibration.stability`` of the bootstrap resamples (never before ``min_samples``; for
+    gradient sketches, whose bootstrap resamples blocks, never before two batches); ``num_samples`` is the cap."""
+    gradient = settings["metric"] == GRADIENT_METRIC
+    if gradient:
+        _refuse_gradient_metric(model)
     rows, source = load_calibration_rows(settings, cfg)
     cal = settings["calibration"]
     stop_when_stable = bool(cal["stop_when_stable"])
@@ -228,11 +270,7 @@ def run_calibration(model, tokenizer, settings: dict, cfg: Any, base_rank: int =
         )
         metric = settings["metric"]
 
-        def should_stop(progress) -> bool:
-            done = stopper(
-                similarity_from_distances(progress.angular_distance, progress.cosine, metric),
-                similarity_from_distances(progress.per_sample_angular, progress.per_sample_cosine, metric),
-            )
+        def log_check() -> None:
             if stopper.checks:
                 check = stopper.checks[-1]
                 LOG.info(
@@ -241,16 +279,37 @@ def run_calibration(model, tokenizer, settings: dict, cfg: Any, base_rank: int =
                     "-" if check["plan_frequency"] is None else f"{check['plan_frequency']:.2f}",
                     stopper.target,
                 )
-            return done
 
-    result = calibrate(
-        model,
-        batches,
-        layers_path=settings["layers_path"],
-        total=len(batches),
-        expected_samples=available,
-        should_stop=should_stop,
-    )
+        if gradient:
+
+            def should_stop(sketches: SubspaceSketches) -> bool:
+                done = stopper(sketches.overlap(), sketches)
+                log_check()
+                return done
+
+        else:
+
+            def should_stop(progress) -> bool:
+                done = stopper(
+                    similarity_from_distances(progress.angular_distance, progress.cosine, metric),
+                    similarity_from_distances(
+                        progress.per_sample_angular, progress.per_sample_cosine, metric
+                    ),
+                )
+                log_check()
+                return done
+
+    if gradient:
+        result = _gradient_calibration(model, batches, settings, cfg, should_stop)
+    else:
+        result = calibrate(
+            model,
+            batches,
+            layers_path=settings["layers_path"],
+            total=len(batches),
+            expected_samples=available,
+            should_stop=should_stop,
+        )
     if not kinds.uniform:
         result.layer_kinds, result.layer_kind_descriptions = kinds.kinds, kinds.descriptions
     result.settings = {
@@ -263,6 +322,7 @@ def run_calibration(model, tokenizer, settings: dict, cfg: Any, base_rank: int =
         "seed": cal["seed"],
         "seconds": round(result.seconds, 3),
         "layers_path": result.layers_path,
+        **result.settings,
     }
     if stopper is not None:
         if result.stopped_early:
@@ -300,15 +360,50 @@ def run_calibration(model, tokenizer, settings: dict, cfg: Any, base_rank: int =
     return result
 
 
+def _gradient_calibration(model, batches: list, settings: dict, cfg: Any, should_stop) -> CalibrationResult:
+    """The gradient sketches of ``batches`` as a :class:`CalibrationResult` whose ``settings`` hold the sketch
+    facts the plan records (k, blocks, bytes, targets, the overlap's random level)."""
+    cal = settings["calibration"]
+    k = cal["sketch_rank"]
+    sketches, info = collect_sketches(
+        model,
+        batches,
+        target_modules=calibration_target_modules(cfg, model),
+        k=k,
+        seed=cal["seed"],
+        layers_path=settings["layers_path"],
+        total=len(batches),
+        should_stop=should_stop,
+    )
+    dims = [array.shape[2] for array in sketches.blocks.values()]
+    return CalibrationResult(
+        angular_distance=None,
+        cosine=None,
+        num_samples=info["num_samples"],
+        num_tokens=info["num_tokens"],
+        seconds=info["seconds"],
+        layers_path=info["layers_path"],
+        stopped_early=info["stopped_early"],
+        sketches=sketches,
+        settings={
+            "sketch_rank": k,
+            "sketch_seed": cal["seed"],
+            "sketch_blocks": info["sketch_blocks"],
+            "sketch_bytes": info["sketch_bytes"],
+            "sketch_targets": info["targets"],
+            "random_level": round(random_level(dims, k), 6),
+        },
+    )
+
+
 def plan_from_calibration(result: CalibrationResult, settings: dict, base_rank: int) -> SharePlan:
     """Turn a calibration result into a plan with the configured strategy, with its bootstrap stability report
-    when the result carries per-sample matrices (and ``bootstrap_resamples`` is not 0)."""
+    when the result carries per-sample matrices or at least two gradient sketch blocks (and
+    ``bootstrap_resamples`` is not 0)."""
     options = plan_options(settings, base_rank, result.layer_kinds, result.layer_kind_descriptions)
     similarity = result.similarity(settings["metric"])
-    if result.per_sample_angular is not None and result.num_samples >= 2:
-        samples = similarity_from_distances(
-            result.per_sample_angular, result.per_sample_cosine, settings["metric"]
-        )
+    samples = resampling_data(result, settings["metric"])
+    if samples is not None:
         start = time.perf_counter()
         plan = plan_with_stability(samples, similarity, **options)
         if options["resamples"]:
@@ -321,14 +416,29 @@ def plan_from_calibration(result: CalibrationResult, settings: dict, base_rank: 
             )
     else:
         if options["confidence"] is not None:
-            raise PlanError("sharelora.confidence needs at least 2 calibration samples for its bootstrap")
+            unit = (
+                "gradient sketch blocks (calibration batches)" if result.sketches is not None else "samples"
+            )
+            raise PlanError(f"sharelora.confidence needs at least 2 calibration {unit} for its bootstrap")
         for key in ("resamples", "bootstrap_seed", "confidence"):
             options.pop(key)
         plan = make_plan(num_layers=result.num_layers, similarity=similarity, **options)
     plan.metadata["calibration"] = dict(result.settings)
-    plan.metadata["angular_distance"] = result.angular_distance.round(6).tolist()
-    plan.metadata["cosine"] = result.cosine.round(6).tolist()
+    if result.angular_distance is not None:
+        plan.metadata["angular_distance"] = result.angular_distance.round(6).tolist()
+        plan.metadata["cosine"] = result.cosine.round(6).tolist()
     return plan
+
+
+def resampling_data(result: CalibrationResult, metric: str):
+    """What the bootstrap resamples for ``metric``: the per-sample similarities (angular, cosine) or the gradient
+    sketches (``gradient_subspace``); ``None`` when there are fewer than two samples or blocks."""
+    if metric == GRADIENT_METRIC:
+        sketches = result.sketches
+        return sketches if sketches is not None and sketches.num_blocks >= 2 else None
+    if result.per_sample_angular is not None and result.num_samples >= 2:
+        return similarity_from_distances(result.per_sample_angular, result.per_sample_cosine, metric)
+    return None
 
 
 def check_plan_fits(
@@ -356,14 +466,17 @@ def check_plan_fits(
         )
 
 
-PerSample = tuple  # (angular_distance, cosine), each [N, L, L] float32
+# What the bootstrap resamples, saved beside the plan: (angular_distance, cosine), each [N, L, L] float32
+# (sharelora_calibration.npz), or for metric gradient_subspace the SubspaceSketches (sharelora_sketches.npz).
+PerSample = tuple | SubspaceSketches
 
 
 def make_or_load_plan(cfg: Any, model, tokenizer_loader) -> tuple[SharePlan, str, PerSample | None]:
     """The plan for this run: loaded from a saved plan when one applies, else calibrated (main process only,
-    then broadcast so every process builds the same modules). Returns the plan, where it came from, and the
-    per-sample matrices (``sharelora_calibration.npz`` contents) when this process has them: after calibration on
-    the main process, or found beside a saved plan (so they travel with it into output_dir)."""
+    then broadcast so every process builds the same modules). Returns the plan, where it came from, and what its
+    bootstrap resamples (``sharelora_calibration.npz`` or, for gradient_subspace, ``sharelora_sketches.npz``
+    contents) when this process has it: after calibration on the main process, or found beside a saved plan (so it
+    travels with the plan into output_dir)."""
     settings = sharelora_settings(cfg)
     base_rank = int(config_value(cfg, "lora_r", 8))
     source = saved_plan_source(cfg)
@@ -372,7 +485,7 @@ def make_or_load_plan(cfg: Any, model, tokenizer_loader) -> tuple[SharePlan, str
         check_plan_fits(
             plan, model, settings, str(source), None if config_value(cfg, "lora_model_dir") else base_rank
         )
-        return plan, str(source), per_sample_beside(source)
+        return plan, str(source), per_sample_beside(source, plan.metric)
     state = distributed_state()
     plan_dict = None
     per_sample = None
@@ -382,7 +495,11 @@ def make_or_load_plan(cfg: Any, model, tokenizer_loader) -> tuple[SharePlan, str
         plan = plan_from_calibration(result, settings, base_rank)
         plan.metadata["model"] = str(config_value(cfg, "base_model", ""))
         plan_dict = plan.to_dict()
-        per_sample = (result.per_sample_angular, result.per_sample_cosine)
+        per_sample = (
+            result.sketches
+            if result.sketches is not None
+            else (result.per_sample_angular, result.per_sample_cosine)
+        )
     if state is not None and state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -392,14 +509,16 @@ def make_or_load_plan(cfg: Any, model, tokenizer_loader) -> tuple[SharePlan, str
     return SharePlan.from_dict(plan_dict), "calibration", per_sample
 
 
-def per_sample_beside(plan_path: str | Path) -> PerSample | None:
-    """The per-sample matrices saved next to a plan file, if there are any (plans written before they existed,
-    or by `sharelora plan --matrix`, have none)."""
-    path = Path(plan_path).parent / CALIBRATION_FILENAME
+def per_sample_beside(plan_path: str | Path, metric: str = "angular") -> PerSample | None:
+    """The bootstrap data of ``metric`` saved next to a plan file, if there is any: the per-sample matrices, or the
+    gradient sketches for ``gradient_subspace`` (plans written before they existed, or by
+    `sharelora plan --matrix`, have none)."""
+    gradient = metric == GRADIENT_METRIC
+    path = Path(plan_path).parent / (SKETCH_FILENAME if gradient else CALIBRATION_FILENAME)
     if not path.is_file():
         return None
     try:
-        return load_per_sample(path)
+        return SubspaceSketches.load(path) if gradient else load_per_sample(path)
     except PlanError as err:
         LOG.warning("ShareLoRA: ignoring %s (%s)", path, err)
         return None
@@ -408,13 +527,16 @@ def per_sample_beside(plan_path: str | Path) -> PerSample | None:
 def save_plan_artifacts(
     plan: SharePlan, folder: str | Path, *, heatmap: bool = True, per_sample: PerSample | None = None
 ) -> list[Path]:
-    """Write ``sharelora_plan.json``, the per-sample ``sharelora_calibration.npz`` when given, and the heatmap
-    when the plan has a matrix, into ``folder``."""
+    """Write ``sharelora_plan.json``, the bootstrap data when given (per-sample ``sharelora_calibration.npz``, or
+    the gradient sketches as ``sharelora_sketches.npz``), and the heatmap when the plan has a matrix, into
+    ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / PLAN_FILENAME]
     plan.save(written[0])
-    if per_sample is not None:
+    if isinstance(per_sample, SubspaceSketches):
+        written.append(per_sample.save(folder / SKETCH_FILENAME))
+    elif per_sample is not None:
         written.append(save_per_sample(folder / CALIBRATION_FILENAME, *per_sample))
     if heatmap and plan.similarity is not None:
         from sharelora_plugin.heatmap import save_heatmap

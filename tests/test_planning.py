@@ -518,7 +518,7 @@ def test_make_plan_errors(kwargs, message):
 
 def test_constants():
     assert STRATEGIES == ("greedy", "optimal", "manual", "random", "alternate")
-    assert METRICS == ("angular", "cosine")
+    assert METRICS == ("angular", "cosine", "gradient_subspace")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -60,7 +60,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="override the training steps")
     parser.add_argument("--random-plans", type=int, help="ShareLoRA* plans per seed")
     parser.add_argument("--threads", type=int, help="torch/OpenMP threads (default: all cores)")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only rebuild quality.md/.png from the quality.json already in --output; trains nothing",
+    )
     return parser.parse_args(argv)
+
+
+def render(output: Path) -> int:
+    """Rebuild the Markdown and the figure from a finished run's JSON."""
+    stem = output / "quality"
+    if not stem.with_suffix(".json").is_file():
+        print(f"error: {stem.with_suffix('.json')} not found; run without --render first", file=sys.stderr)
+        return 2
+    write_report(json.loads(stem.with_suffix(".json").read_text(encoding="utf-8")), stem)
+    print(stem.with_suffix(".md").read_text(encoding="utf-8"))
+    return 0
 
 
 def budget_for(args: argparse.Namespace) -> Budget:
@@ -96,6 +112,8 @@ def versions() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        return render(Path(args.output) if args.output else RESULTS_DIR)
     use_offline_env()
     set_threads(args.threads)
     budget, arms = budget_for(args), arms_for(args)

@@ -157,7 +157,8 @@ def render_markdown(report: dict) -> str:
         "| arm | " + " | ".join(f"seed {s}" for s in report["budget"]["seeds"]) + " |",
     ]
     lines.append("|---|" + "---|" * len(report["budget"]["seeds"]))
-    for arm, values in report["analysis"]["per_seed_ppl"].items():
+    for arm, by_seed in report["analysis"]["per_seed_ppl"].items():
+        values = {int(seed): ppl for seed, ppl in by_seed.items()}  # JSON keys are strings
         lines.append(
             f"| {arm} | "
             + " | ".join(f"{values[s]:.4f}" if s in values else "–" for s in report["budget"]["seeds"])

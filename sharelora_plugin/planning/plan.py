@@ -61,16 +61,18 @@ def stability_line(stability: dict) -> str:
     """One line summarising a bootstrap report (see :mod:`sharelora_plugin.planning.stability`)."""
     frequency = stability.get("plan_frequency")
     resamples = stability.get("resamples")
-    samples = stability.get("num_samples")
+    samples = f"{stability.get('num_samples')} samples"
+    if stability.get("num_blocks") is not None:  # gradient sketches: whole calibration batches are resampled
+        samples = f"{stability['num_blocks']} blocks of {samples}"
     if frequency is None:
         head = (
-            f"bootstrap ({resamples} resamples of {samples} samples): sets are fixed by strategy "
+            f"bootstrap ({resamples} resamples of {samples}): sets are fixed by strategy "
             f"{stability.get('strategy')}; set frequency = how often {stability.get('reference_strategy')} at the "
             "same ε forms that exact set"
         )
     else:
         head = (
-            f"bootstrap ({resamples} resamples of {samples} samples): plan frequency {frequency:.2f} "
+            f"bootstrap ({resamples} resamples of {samples}): plan frequency {frequency:.2f} "
             "(fraction of resamples that give exactly these sets)"
         )
     if stability.get("confidence") is not None:

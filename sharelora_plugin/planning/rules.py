@@ -18,6 +18,11 @@ STRATEGIES = ("greedy", "optimal", "manual", "random", "alternate")
 # Strategies that read the similarity matrix and enforce eq. 3; the others take their sets from elsewhere.
 DATA_STRATEGIES = ("greedy", "optimal")
 METRICS = ("angular", "cosine", "gradient_subspace")
+# The metric whose scale is not angular's: it runs from the random level k/d (about 0.015 on SmolLM2-135M at k 8)
+# to 1, so the angular default ε means nothing on it (see planning.subspace).
+GRADIENT_METRIC = "gradient_subspace"
+# Strategies that need a threshold (or target_fraction) from the matrix: greedy/optimal, and random's reference.
+THRESHOLD_STRATEGIES = ("greedy", "optimal", "random")
 
 DEFAULT_THRESHOLD = 0.85  # the paper's best ε for LLaMA-7B / LLaMA2-7B
 DEFAULT_STRATEGY = "greedy"
@@ -70,6 +75,29 @@ def check_metric(value: Any, name: str = "metric") -> str:
     if value not in METRICS:
         raise PlanError(f"{name} must be one of {', '.join(METRICS)}; got {value!r}")
     return str(value)
+
+
+def check_gradient_threshold(
+    metric: str,
+    strategy: str,
+    *,
+    threshold_given: bool,
+    target_fraction: Any,
+    threshold_key: str = "threshold",
+    fraction_key: str = "target_fraction",
+) -> None:
+    """``gradient_subspace`` has no default ε: its overlap runs from the random level ``k / d`` to 1 (adjacent
+    SmolLM2-135M layers ≈ 0.12), so the angular default 0.85 would share no layer. A strategy that reads the matrix
+    needs ``target_fraction`` (recommended) or an explicit threshold."""
+    if metric != GRADIENT_METRIC or strategy not in THRESHOLD_STRATEGIES:
+        return
+    if not threshold_given and target_fraction is None:
+        raise PlanError(
+            f"metric gradient_subspace has no default threshold: its overlap runs from the random level k/d "
+            f"(about 0.015 on SmolLM2-135M at k 8) to 1, so the angular default {DEFAULT_THRESHOLD} would share "
+            f"no layer; set {fraction_key} (recommended, e.g. 0.7: ShareLoRA keeps at most 70% of LoRA's "
+            f"parameters and ε is chosen from the overlap) or an explicit {threshold_key} on this scale"
+        )
 
 
 def check_contiguous(strategy: str, contiguous: Any, name: str = "contiguous") -> bool:

@@ -111,9 +111,11 @@ def stability_report(
     bound: np.ndarray | None = None,
     layer_kinds: Sequence[int] | None = None,
     time_limit: float = DEFAULT_OPTIMAL_TIME_LIMIT_S,
+    num_blocks: int | None = None,
 ) -> dict[str, Any]:
     """The ``stability`` block of a plan whose sets are ``share_sets``, from resampled ``means`` (see
-    :func:`resampled_means`) and the full-data mean ``similarity``."""
+    :func:`resampled_means`) and the full-data mean ``similarity``. ``num_blocks`` is given when the resampled
+    units were blocks of samples (gradient sketches, one block per calibration batch), not single samples."""
     own = strategy in DATA_STRATEGIES
     chosen = _canonical(share_sets)
     num_layers = similarity.shape[0]
@@ -171,6 +173,8 @@ def stability_report(
         "comembership": (comembership / resamples).round(4).tolist(),
         "confidence": confidence,
     }
+    if num_blocks is not None:
+        report["num_blocks"] = int(num_blocks)
     if not own:
         report["reference_plan_frequency"] = round(same_plan / resamples, 4)
     if bound is not None:
@@ -199,7 +203,8 @@ def plan_with_stability(
     time_limit: float = DEFAULT_OPTIMAL_TIME_LIMIT_S,
 ) -> SharePlan:
     """:func:`make_plan` on the mean ``similarity`` plus its bootstrap report over ``samples`` (``[N, L, L]``
-    per-sample similarities of ``metric``).
+    per-sample similarities of ``metric``, or for ``gradient_subspace`` the :class:`SubspaceSketches`, whose blocks
+    are resampled).
 
     ``confidence`` turns on the robust option (a pair counts as similar only when its lower bootstrap bound clears
     ε). ``resamples=0`` makes a plain plan with no report (and refuses ``confidence``, which needs the bootstrap).
@@ -252,14 +257,21 @@ def plan_with_stability(
             means,
             # with target_fraction each resample chooses its own ε, as the plan did
             threshold=plan.threshold,
-            num_samples=samples.shape[0],
             seed=bootstrap_seed,
             confidence=confidence,
             bound=bound,
             layer_kinds=plan.layer_kinds,
             **shared,
+            **_resampled_units(samples),
         )
     return plan
+
+
+def _resampled_units(samples: Any) -> dict[str, int]:
+    """``num_samples`` of the calibration behind ``samples``, and ``num_blocks`` when blocks were resampled."""
+    if isinstance(samples, SubspaceSketches):
+        return {"num_samples": samples.num_samples, "num_blocks": samples.num_blocks}
+    return {"num_samples": int(np.asarray(samples).shape[0])}
 
 
 def frequency_for_stopping(plan: SharePlan) -> float | None:
@@ -275,9 +287,10 @@ def frequency_for_stopping(plan: SharePlan) -> float | None:
 class StopWhenStable:
     """Decides, after each calibration batch, whether the plan made from the samples so far is stable.
 
-    Called with the running mean similarity and the per-sample similarities so far; from ``min_samples`` on it
-    plans with :func:`plan_with_stability` and answers True once the plan frequency reaches ``target``. Every check
-    is kept in :attr:`checks`; :attr:`stop_reason` is ``"stable"`` once it answered True. The caller enforces the
+    Called with the running mean similarity and the per-sample similarities so far (for ``gradient_subspace``: the
+    overlap and the :class:`SubspaceSketches` of the blocks so far); from ``min_samples`` samples on (and, for
+    sketches, two blocks: the bootstrap resamples blocks) it plans with :func:`plan_with_stability` and answers True
+    once the plan frequency reaches ``target``. Every check is kept in :attr:`checks`; :attr:`stop_reason` is ``"stable"`` once it answered True. The caller enforces the
     sample cap (``num_samples``) and records ``"cap"`` / ``"exhausted"`` itself.
     """
 
@@ -302,15 +315,13 @@ class StopWhenStable:
         self.checks: list[dict[str, Any]] = []
         self.stop_reason: str | None = None
 
-    def __call__(self, similarity: np.ndarray, samples: np.ndarray) -> bool:
-        num_samples = int(
-            samples.shape[0] if isinstance(samples, SubspaceSketches) else np.asarray(samples).shape[0]
-        )
-        if num_samples < self.min_samples:
+    def __call__(self, similarity: np.ndarray, samples: Any) -> bool:
+        units = _resampled_units(samples)
+        if units["num_samples"] < self.min_samples or units.get("num_blocks", 2) < 2:
             return False
         plan = plan_with_stability(samples, similarity, **self.plan_options)
         frequency = frequency_for_stopping(plan)
-        self.checks.append({"num_samples": num_samples, "plan_frequency": frequency})
+        self.checks.append({**units, "plan_frequency": frequency})
         if frequency is not None and frequency >= self.target:
             self.stop_reason = "stable"
             return True
