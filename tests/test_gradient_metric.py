@@ -362,3 +362,34 @@ def test_show_and_heatmap_of_a_gradient_plan(calibrated, tmp_path, capsys):
     assert "blocks" in figure.axes[2].get_title()
     save_heatmap(plan, tmp_path / "heatmap.png")
     assert (tmp_path / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.e2e
+def test_gradient_metric_trains_through_axolotl(tmp_path, smollm2_dir, data_dir):
+    """`metric: gradient_subspace` as a user writes it: `python -m axolotl.cli.train` calibrates with gradient
+    sketches, plans at the target fraction, ties, trains and saves the plan, the sketches and a plain PEFT adapter
+    whose tied copies are equal."""
+    import torch
+    import yaml
+    from conftest import train_subprocess, write_config
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "cfg.yml", smollm2_dir, data_dir, out, max_steps=2, save_steps=10)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["sharelora"].pop("threshold", None)
+    cfg["sharelora"].update(metric="gradient_subspace", target_fraction=0.8, strategy="greedy")
+    cfg["sharelora"]["calibration"].update(batch_size=4, stop_when_stable=False)
+    config.write_text(yaml.safe_dump(cfg))
+    train_subprocess(config)
+    plan = json.loads((out / "sharelora_plan.json").read_text())
+    assert plan["metric"] == "gradient_subspace" and plan["share_sets"]
+    assert plan["param_fraction"] <= 0.8 and plan["stability"]["plan_frequency"] is not None
+    sketches = SubspaceSketches.load(out / SKETCH_FILENAME)
+    assert sketches.num_blocks == 4 and sketches.num_samples == 16
+    np.testing.assert_allclose(np.asarray(plan["similarity"]), sketches.overlap(), atol=1e-6)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    leader, member = plan["share_sets"][0][0], plan["share_sets"][0][1]
+    for key, tensor in tensors.items():
+        if f".layers.{member}." in key:
+            assert torch.equal(tensor, tensors[key.replace(f".layers.{member}.", f".layers.{leader}.")])

@@ -348,3 +348,31 @@ def test_quick_end_to_end(tmp_path):
 def test_arms_cover_the_issue():
     assert set(ARMS) == {"base", "lora", "greedy", "greedy_rx", "random", "naive", "gradient"}
     assert len(FULL.seeds) >= 4 and FULL.random_plans >= 2
+
+
+def test_committed_results_are_a_full_run_and_render_again(tmp_path, capsys):
+    """bench/results/quality.json holds a full run (every arm at every seed, the ShareLoRA* draws) and --render
+    rebuilds its Markdown unchanged."""
+    committed = REPO / "bench" / "results" / "quality.json"
+    report = json.loads(committed.read_text())
+    assert report["quick"] is False and report["arms"] == list(ARMS)
+    seeds = report["budget"]["seeds"]
+    assert len(seeds) >= 4 and report["budget"]["steps"] == FULL.steps
+    expected = {
+        (arm, seed, draw)
+        for arm in ARMS
+        if ARMS[arm].trained
+        for seed in seeds
+        for draw in range(report["budget"]["random_plans"] if arm == "random" else 1)
+    }
+    assert {(r["arm"], r["seed"], r["draw"]) for r in report["runs"]} == expected
+    assert all(r["ties_verified"] for r in report["runs"] if r["arm"] != "lora")
+    assert set(report["analysis"]["decisions"]) == {"gate", "H1", "H2", "H3", "H4"}
+    assert report["signal"]["greedy_vs_random_plans"]["draws"] == 10_000
+    (tmp_path / "quality.json").write_text(committed.read_text())
+    assert main(["--render", "--output", str(tmp_path)]) == 0
+    assert (tmp_path / "quality.md").read_text() == committed.with_suffix(".md").read_text()
+    assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(["--render", "--output", str(tmp_path / "empty")]) == 2
+    assert "run without --render first" in capsys.readouterr().err
