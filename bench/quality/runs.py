@@ -10,12 +10,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import LORA_ALPHA, LORA_DROPOUT, LORA_R, TARGET_MODULES
+from bench.common import LORA_R, TARGET_MODULES
 from bench.quality.data import Task
 from bench.quality.evaluation import encode, evaluate_model
 from bench.quality.settings import ARMS, Budget
 from bench.reproduce_small.evaluation import count_adapter_parameters
-from bench.reproduce_small.runs import CPU_OFF, IM_END, choose_threshold, train_run
+from bench.reproduce_small.runs import choose_threshold, schedule_and_lora, train_run
 from sharelora_plugin.planning.files import write_jsonl
 
 RESAMPLES = 200  # bootstrap resamples of every plan's stability report
@@ -192,21 +192,7 @@ def run_config(arm: str, seed: int, budget: Budget, paths: dict, plan_file: Path
         "micro_batch_size": budget.micro_batch_size,
         "gradient_accumulation_steps": 1,
         "max_steps": steps,
-        "num_epochs": 1,
-        "optimizer": "adamw_torch",
-        "lr_scheduler": "linear",
-        "learning_rate": budget.learning_rate,
-        "warmup_steps": max(1, steps // 10),
-        "weight_decay": 0.0,
-        "logging_steps": max(1, steps // 10),
-        "save_strategy": "no",
-        "seed": seed,
-        "lora_r": LORA_R,
-        "lora_alpha": LORA_ALPHA,
-        "lora_dropout": LORA_DROPOUT,
-        "lora_target_modules": TARGET_MODULES,
-        **dict.fromkeys(CPU_OFF, False),
-        "special_tokens": {"eos_token": IM_END, "pad_token": IM_END},
+        **schedule_and_lora(steps, budget.learning_rate, seed),
     }
     if plan_file is None:
         cfg["adapter"] = "lora"

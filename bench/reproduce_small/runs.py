@@ -101,6 +101,29 @@ def make_plans(result, settings: dict, seeds: Sequence[int], methods: Sequence[s
 # Training (one axolotl.cli.train process per method and seed)
 
 
+def schedule_and_lora(steps: int, learning_rate: float, seed: int) -> dict[str, Any]:
+    """The Axolotl keys every arm of a bench comparison shares: one epoch capped at ``steps``, AdamW with a linear
+    schedule and 10% warmup, no checkpoints, the paper's LoRA settings, CPU precision and attention off, and
+    ``<|im_end|>`` as eos and pad."""
+    return {
+        "num_epochs": 1,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "linear",
+        "learning_rate": learning_rate,
+        "warmup_steps": max(1, steps // 10),
+        "weight_decay": 0.0,
+        "logging_steps": max(1, steps // 10),
+        "save_strategy": "no",
+        "seed": seed,
+        "lora_r": LORA_R,
+        "lora_alpha": LORA_ALPHA,
+        "lora_dropout": LORA_DROPOUT,
+        "lora_target_modules": TARGET_MODULES,
+        **dict.fromkeys(CPU_OFF, False),
+        "special_tokens": {"eos_token": IM_END, "pad_token": IM_END},
+    }
+
+
 def run_config(
     method: Method, seed: int, budget: Budget, paths: dict, plan_file: Path | None, out: Path
 ) -> dict:
@@ -122,21 +145,7 @@ def run_config(
         "micro_batch_size": budget.micro_batch_size,
         "gradient_accumulation_steps": 1,
         "max_steps": budget.steps,
-        "num_epochs": 1,
-        "optimizer": "adamw_torch",
-        "lr_scheduler": "linear",
-        "learning_rate": budget.learning_rate,
-        "warmup_steps": max(1, budget.steps // 10),
-        "weight_decay": 0.0,
-        "logging_steps": max(1, budget.steps // 10),
-        "save_strategy": "no",
-        "seed": seed,
-        "lora_r": LORA_R,
-        "lora_alpha": LORA_ALPHA,
-        "lora_dropout": LORA_DROPOUT,
-        "lora_target_modules": TARGET_MODULES,
-        **dict.fromkeys(CPU_OFF, False),
-        "special_tokens": {"eos_token": IM_END, "pad_token": IM_END},
+        **schedule_and_lora(budget.steps, budget.learning_rate, seed),
     }
     if method.strategy is None:
         cfg["adapter"] = "lora"
