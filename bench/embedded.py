@@ -69,50 +69,37 @@ def data_dir() -> Path:
     return cache_dir() / "data"
 
 
-def _download_wheel(requirement: str) -> Path:
-    wheels = cache_dir() / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    name = requirement.split("==")[0].replace("-", "_").lower()
-    version = requirement.split("==")[1]
-    for path in wheels.glob("*.whl"):
-        if path.name.lower().startswith(f"{name}-{version}-"):
-            return path
-    LOG.info("downloading wheel %s", requirement)
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), requirement]
+def _pip_download(requirement: str, folder: str, matches, extra: tuple[str, ...] = ()) -> Path:
+    """``pip download --no-deps`` of ``requirement`` into ``cache_dir()/folder``, unless a file there already
+    ``matches`` (a predicate on the lower-cased file name); returns that file."""
+    target = cache_dir() / folder
+    target.mkdir(parents=True, exist_ok=True)
+
+    def found() -> Path | None:
+        return next((path for path in sorted(target.iterdir()) if matches(path.name.lower())), None)
+
+    if (path := found()) is not None:
+        return path
+    LOG.info("downloading %s into %s", requirement, target)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", *extra, "-d", str(target), requirement]
     subprocess.run(cmd, check=True)
-    for path in wheels.glob("*.whl"):
-        if path.name.lower().startswith(f"{name}-{version}-"):
-            return path
-    raise FileNotFoundError(f"pip download {requirement} did not produce a wheel in {wheels}")
+    if (path := found()) is not None:
+        return path
+    raise FileNotFoundError(f"pip download {requirement} did not produce the expected file in {target}")
+
+
+def _download_wheel(requirement: str) -> Path:
+    """The wheel of ``requirement`` (``name==version``), cached under ``wheels/``."""
+    name, version = requirement.split("==")
+    prefix = f"{name.replace('-', '_').lower()}-{version}-"
+    return _pip_download(requirement, "wheels", lambda n: n.startswith(prefix) and n.endswith(".whl"))
 
 
 def _download_sdist(requirement: str) -> Path:
-    """The source distribution of ``requirement`` (``pip download --no-binary :all:``), cached like the wheels."""
-    sdists = cache_dir() / "sdists"
-    sdists.mkdir(parents=True, exist_ok=True)
+    """The source distribution of ``requirement`` (``pip download --no-binary :all:``), cached under ``sdists/``."""
     name, version = requirement.split("==")
-    pattern = f"{name.lower()}-{version}.tar.gz"
-    for path in sdists.glob("*.tar.gz"):
-        if path.name.lower() == pattern:
-            return path
-    LOG.info("downloading source distribution %s", requirement)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "-q",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        "-d",
-        str(sdists),
-    ]
-    subprocess.run([*cmd, requirement], check=True)
-    for path in sdists.glob("*.tar.gz"):
-        if path.name.lower() == pattern:
-            return path
-    raise FileNotFoundError(f"pip download {requirement} did not produce {pattern} in {sdists}")
+    filename = f"{name.lower()}-{version}.tar.gz"
+    return _pip_download(requirement, "sdists", lambda n: n == filename, ("--no-binary", ":all:"))
 
 
 def _movie_review_rows(sdist: Path) -> list[dict]:

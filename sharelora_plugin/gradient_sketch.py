@@ -231,9 +231,10 @@ def collect_sketches(
             "as nn.Linear modules in the decoder layers; check lora_target_modules"
         )
     num_layers = len(per_layer)
+    dims = _layer_dims(per_layer)
     expected_blocks = expected_blocks if expected_blocks is not None else total
     if expected_blocks is not None:
-        needed = sketch_bytes(_layer_dims(per_layer), num_layers, k, expected_blocks)
+        needed = sketch_bytes(dims, num_layers, k, expected_blocks)
         if needed > MAX_SKETCH_BYTES:
             raise _memory_error(expected_blocks, num_layers, k, needed)
     device = _model_device(model)
@@ -259,7 +260,7 @@ def collect_sketches(
                 _loss_sum(model, batch).backward()
                 store.append(hooks.take_block(), int(batch["attention_mask"].shape[0]))
                 num_tokens += int(batch["attention_mask"].sum())
-                held = sketch_bytes(_layer_dims(per_layer), num_layers, k, store.num_blocks)
+                held = sketch_bytes(dims, num_layers, k, store.num_blocks)
                 if held > MAX_SKETCH_BYTES:
                     raise _memory_error(store.num_blocks, num_layers, k, held)
                 if should_stop is not None and should_stop(store.sketches()):

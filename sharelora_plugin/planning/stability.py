@@ -290,8 +290,9 @@ class StopWhenStable:
     Called with the running mean similarity and the per-sample similarities so far (for ``gradient_subspace``: the
     overlap and the :class:`SubspaceSketches` of the blocks so far); from ``min_samples`` samples on (and, for
     sketches, two blocks: the bootstrap resamples blocks) it plans with :func:`plan_with_stability` and answers True
-    once the plan frequency reaches ``target``. Every check is kept in :attr:`checks`; :attr:`stop_reason` is ``"stable"`` once it answered True. The caller enforces the
-    sample cap (``num_samples``) and records ``"cap"`` / ``"exhausted"`` itself.
+    once the plan frequency reaches ``target``. Every check is kept in :attr:`checks`; :attr:`stop_reason` is
+    ``"stable"`` once it answered True. The caller enforces the sample cap (``num_samples``) and records
+    ``"cap"`` / ``"exhausted"`` itself.
     """
 
     def __init__(
